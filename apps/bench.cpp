@@ -1,0 +1,170 @@
+// mae-bench: speed of the masked autoencoder's training step on this machine, as JSON lines.
+// Each line also carries the same run's fp32 matrix-product rate, so the result reads as a
+// fraction of what this machine can do (mfu = gflops / matmul_gflops).
+#include <sys/resource.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include "cli.h"
+#include "core/error.h"
+#include "model/flops.h"
+#include "model/mae.h"
+#include "model/ops.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double peak_rss_mb() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;
+}
+
+// Median GFLOP/s of an fp32 size³ matrix product.
+double matmul_gflops(int64_t size, int reps) {
+  torch::NoGradGuard no_grad;
+  auto a = torch::randn({size, size}), b = torch::randn({size, size});
+  auto c = torch::mm(a, b);  // warm-up
+  std::vector<double> times;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = Clock::now();
+    torch::mm_out(c, a, b);
+    times.push_back(seconds_since(t0));
+  }
+  return 2.0 * static_cast<double>(size * size * size) / median(times) / 1e9;
+}
+
+struct BenchSettings {
+  std::string preset = "A";
+  int64_t batch = 2;
+  int warmup = 2;
+  int iters = 5;
+  std::string device = "cpu";
+};
+
+mae::MaskedAutoencoderOptions preset_options(const std::string& name, int64_t& batch) {
+  if (name == "A") {
+    batch = 2;
+    return mae::MaskedAutoencoderOptions(1, {96, 96, 96}, {16, 16, 16})
+        .hidden_size(768).mlp_dim(3072).num_layers(12).num_heads(12)
+        .decoder_hidden_size(384).decoder_mlp_dim(512).decoder_num_layers(4).decoder_num_heads(12)
+        .masking_ratio(0.75);
+  }
+  if (name == "B") {
+    batch = 4;
+    return mae::MaskedAutoencoderOptions(1, {64, 64, 64}, {16, 16, 16})
+        .hidden_size(384).mlp_dim(1536).num_layers(6).num_heads(6)
+        .decoder_hidden_size(384).decoder_mlp_dim(512).decoder_num_layers(4).decoder_num_heads(12)
+        .masking_ratio(0.75);
+  }
+  if (name == "tiny") {
+    batch = 2;
+    return mae::MaskedAutoencoderOptions(1, {32, 32, 32}, {8, 8, 8})
+        .hidden_size(96).mlp_dim(192).num_layers(2).num_heads(4)
+        .decoder_hidden_size(48).decoder_mlp_dim(96).decoder_num_layers(1).decoder_num_heads(4);
+  }
+  throw mae::ConfigError("--preset \"" + name + "\" is not a preset; choose A, B or tiny");
+}
+
+std::string bench_one(const std::string& name, const BenchSettings& s, double mm_gflops) {
+  int64_t batch = 0;
+  auto options = preset_options(name, batch);
+  torch::Device device(s.device);
+  torch::manual_seed(0);
+  mae::MaskedAutoencoder model(options);
+  model->to(device);
+  model->train();
+  auto groups = mae::decay_groups(*model);
+  std::vector<torch::optim::OptimizerParamGroup> param_groups;
+  param_groups.emplace_back(groups.first, std::make_unique<torch::optim::AdamWOptions>(
+                                              torch::optim::AdamWOptions(1.5e-4).betas({0.9, 0.95}).weight_decay(0.05)));
+  param_groups.emplace_back(groups.second, std::make_unique<torch::optim::AdamWOptions>(
+                                               torch::optim::AdamWOptions(1.5e-4).betas({0.9, 0.95}).weight_decay(0.0)));
+  torch::optim::AdamW optimizer(param_groups, torch::optim::AdamWOptions(1.5e-4));
+
+  std::vector<int64_t> shape{batch, options.in_channels()};
+  shape.insert(shape.end(), options.img_size().begin(), options.img_size().end());
+  auto x = torch::randn(shape).to(device);
+  auto gen = at::detail::createCPUGenerator(1234);
+
+  auto sync = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
+  std::vector<double> fwd, bwd, opt, step;
+  for (int i = 0; i < s.warmup + s.iters; ++i) {
+    sync();
+    const auto t0 = Clock::now();
+    optimizer.zero_grad();
+    auto out = model->forward(x, std::nullopt, gen);
+    auto loss = mae::masked_mse_loss(out.pred, model->target(x), out.mask);
+    sync();
+    const double t_fwd = seconds_since(t0);
+    const auto t1 = Clock::now();
+    loss.backward();
+    sync();
+    const double t_bwd = seconds_since(t1);
+    const auto t2 = Clock::now();
+    optimizer.step();
+    sync();
+    const double t_opt = seconds_since(t2);
+    if (i >= s.warmup) {
+      fwd.push_back(t_fwd);
+      bwd.push_back(t_bwd);
+      opt.push_back(t_opt);
+      step.push_back(seconds_since(t0));
+    }
+  }
+  const double step_gflop = 3.0 * mae::forward_flops(options, batch) / 1e9;
+  const double step_s = median(step);
+  const double gflops = step_gflop / step_s;
+  int64_t params = 0;
+  for (const auto& p : model->parameters()) params += p.numel();
+  std::ostringstream os;
+  os << std::setprecision(4) << "{\"preset\": \"" << name << "\", \"batch\": " << batch
+     << ", \"threads\": " << at::get_num_threads() << ", \"device\": \"" << s.device << "\", \"params_m\": "
+     << static_cast<double>(params) / 1e6 << ", \"fwd_s\": " << median(fwd) << ", \"bwd_s\": " << median(bwd)
+     << ", \"optim_s\": " << median(opt) << ", \"step_s\": " << step_s << ", \"step_gflop\": " << step_gflop
+     << ", \"gflops\": " << gflops << ", \"matmul_gflops\": " << mm_gflops << ", \"mfu\": " << gflops / mm_gflops
+     << ", \"peak_rss_mb\": " << peak_rss_mb() << ", \"iters\": " << s.iters << "}";
+  return os.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"mae-bench: training-step speed of the masked autoencoder, as JSON lines"};
+  app.name("mae-bench");
+  mae::CommonFlags common;
+  BenchSettings settings;
+  std::vector<std::string> presets{"A"};
+  mae::add_common_flags(app, common);
+  app.add_option("--preset", presets, "presets to run: A (96³, ViT-B), B (64³, ViT-S-like), tiny")->expected(1, -1);
+  app.add_option("--warmup", settings.warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
+  app.add_option("--iters", settings.iters, "timed steps (median reported)")->check(CLI::PositiveNumber);
+  app.add_option("--device", settings.device, "cpu, cuda or cuda:N");
+  return mae::run_program(app, argc, argv, [&] {
+    mae::apply_common_flags(common);
+    if (settings.device.rfind("cuda", 0) == 0 && !torch::cuda::is_available()) {
+      throw mae::ConfigError("--device " + settings.device + ": CUDA is not available in this build or machine");
+    }
+    const double mm = matmul_gflops(2048, 5);
+    for (const auto& p : presets) std::cout << bench_one(p, settings, mm) << std::endl;
+    return 0;
+  });
+}
