@@ -15,6 +15,7 @@
 #include "model/flops.h"
 #include "model/mae.h"
 #include "model/ops.h"
+#include "train/adamw.h"
 
 namespace {
 
@@ -91,12 +92,8 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
   model->to(device);
   model->train();
   auto groups = mae::decay_groups(*model);
-  std::vector<torch::optim::OptimizerParamGroup> param_groups;
-  param_groups.emplace_back(groups.first, std::make_unique<torch::optim::AdamWOptions>(
-                                              torch::optim::AdamWOptions(1.5e-4).betas({0.9, 0.95}).weight_decay(0.05)));
-  param_groups.emplace_back(groups.second, std::make_unique<torch::optim::AdamWOptions>(
-                                               torch::optim::AdamWOptions(1.5e-4).betas({0.9, 0.95}).weight_decay(0.0)));
-  torch::optim::AdamW optimizer(param_groups, torch::optim::AdamWOptions(1.5e-4));
+  mae::AdamW optimizer({{groups.first, /*weight_decay=*/0.05}, {groups.second, /*weight_decay=*/0.0}},
+                       mae::AdamWOptions{});
 
   std::vector<int64_t> shape{batch, options.in_channels()};
   shape.insert(shape.end(), options.img_size().begin(), options.img_size().end());

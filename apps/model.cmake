@@ -7,4 +7,4 @@ if(TARGET spdlog::spdlog)
   target_compile_definitions(mae_cli PRIVATE MAE3D_HAVE_SPDLOG)
 endif()
 
-mae_add_app(mae-bench ${CMAKE_CURRENT_LIST_DIR}/bench.cpp mae_model mae_cli)
+mae_add_app(mae-bench ${CMAKE_CURRENT_LIST_DIR}/bench.cpp mae_model mae_optim mae_cli)
