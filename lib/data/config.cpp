@@ -1,0 +1,121 @@
+// Strict reading and validation of the `data` config section.
+#include "data/config.h"
+
+#include <cmath>
+#include <sstream>
+#include <vector>
+
+namespace mae {
+
+namespace {
+
+std::string num(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+}  // namespace
+
+bool is_orientation_code(const std::string& code) {
+  if (code.size() != 3) return false;
+  const std::string pairs[3] = {"RL", "AP", "SI"};
+  int seen[3] = {0, 0, 0};
+  for (char c : code) {
+    bool found = false;
+    for (int p = 0; p < 3; ++p) {
+      if (c == pairs[p][0] || c == pairs[p][1]) {
+        ++seen[p];
+        found = true;
+      }
+    }
+    if (!found) return false;
+  }
+  return seen[0] == 1 && seen[1] == 1 && seen[2] == 1;
+}
+
+void validate_data_config(const DataConfig& c) {
+  if (c.dataset.empty()) throw ConfigError("\"data.dataset\" is required (a dataset.json, list file or folder)");
+  if (!c.orientation.empty() && !is_orientation_code(c.orientation)) {
+    throw ConfigError("\"data.orientation\" = \"" + c.orientation +
+                      "\" is not an orientation code; use three letters, one of R/L, A/P, S/I (\"RAS\"), or \"\"");
+  }
+  if (c.spacing_mm) {
+    for (double s : *c.spacing_mm) {
+      if (!(s > 0.0) || !std::isfinite(s)) {
+        throw ConfigError("\"data.spacing_mm\" has " + num(s) + "; every spacing must be a positive number of mm");
+      }
+    }
+  }
+  const auto& in = c.intensity;
+  if (in.mode == "ct_window" && !(in.a_max > in.a_min)) {
+    throw ConfigError("\"data.intensity.a_max\" = " + num(in.a_max) + " must be greater than a_min = " + num(in.a_min));
+  }
+  if ((in.mode == "ct_window" || in.mode == "percentile") && !(in.b_max > in.b_min)) {
+    throw ConfigError("\"data.intensity.b_max\" = " + num(in.b_max) + " must be greater than b_min = " + num(in.b_min));
+  }
+  if (in.mode == "percentile" && !(in.upper_percentile > in.lower_percentile)) {
+    throw ConfigError("\"data.intensity.upper_percentile\" = " + num(in.upper_percentile) +
+                      " must be greater than lower_percentile = " + num(in.lower_percentile));
+  }
+  if (c.foreground_threshold && !std::isfinite(*c.foreground_threshold)) {
+    throw ConfigError("\"data.foreground_threshold\" must be a finite number or null");
+  }
+}
+
+DataConfig read_data_config(JsonReader& r) {
+  DataConfig c;
+  if (!r.has("dataset")) throw ConfigError("\"" + r.key_path("dataset") + "\" is required (a dataset.json, list file or folder)");
+  r.read("dataset", c.dataset);
+  if (c.dataset.empty()) throw ConfigError("\"" + r.key_path("dataset") + "\" is empty");
+  r.read_range("val_fraction", c.val_fraction, 0.0, 0.9);
+  r.read("orientation", c.orientation);
+  if (r.has("spacing_mm")) {
+    double iso = 0.0;
+    std::vector<double> s;
+    const auto key = r.key_path("spacing_mm");
+    try {
+      r.read("spacing_mm", iso);
+      s = {iso, iso, iso};
+    } catch (const ConfigError&) {
+      try {
+        r.read("spacing_mm", s);
+      } catch (const ConfigError&) {
+        throw ConfigError("\"" + key + "\" has the wrong type; expected [x, y, z] in mm, one number, or null");
+      }
+    }
+    if (s.size() != 3) throw ConfigError("\"" + key + "\" must have 3 values [x, y, z] in mm, got " + std::to_string(s.size()));
+    c.spacing_mm = std::array<double, 3>{s[0], s[1], s[2]};
+  }  // has() also marks a null spacing_mm as known
+  {
+    JsonReader in = r.child("intensity");
+    auto& i = c.intensity;
+    in.read_choice("mode", i.mode, {"ct_window", "zscore_nonzero", "percentile", "none"});
+    in.read("a_min", i.a_min);
+    in.read("a_max", i.a_max);
+    in.read("b_min", i.b_min);
+    in.read("b_max", i.b_max);
+    in.read("clip", i.clip);
+    in.read_range("lower_percentile", i.lower_percentile, 0.0, 100.0);
+    in.read_range("upper_percentile", i.upper_percentile, 0.0, 100.0);
+    in.finish();
+  }
+  if (r.has("foreground_threshold")) {
+    double t = 0.0;
+    r.read("foreground_threshold", t);
+    c.foreground_threshold = t;
+  }
+  r.read_range<int64_t>("num_samples", c.num_samples, 1, 4096);
+  r.read_range("flip_prob", c.flip_prob, 0.0, 1.0);
+  r.read_range("workers", c.workers, 0, 256);
+  r.read_range("prefetch", c.prefetch, 1, 1024);
+  r.read("cache_dir", c.cache_dir);
+  r.read_choice("on_bad_volume", c.on_bad_volume, {"error", "skip"});
+  r.read_range<int64_t>("time_point", c.time_point, -1, 1 << 20);
+  r.read("fourth_axis_as_channels", c.fourth_axis_as_channels);
+  r.finish();
+  validate_data_config(c);
+  return c;
+}
+
+}  // namespace mae
