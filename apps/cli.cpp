@@ -33,6 +33,7 @@ int run_program(CLI::App& app, int argc, char** argv, const std::function<int()>
     return code == 0 ? 0 : 2;
   }
   const std::string name = app.get_name();
+  tune_allocator();
   try {
     return body();
   } catch (const Error& e) {

@@ -1,6 +1,9 @@
 #include "core/threads.h"
 
 #include <ATen/Parallel.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <string>
 #include <thread>
@@ -21,6 +24,14 @@ int set_threads(int threads) {
   const int n = threads == 0 ? hardware_threads() : threads;
   at::set_num_threads(n);
   return n;
+}
+
+void tune_allocator() {
+#if defined(__GLIBC__)
+  mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024);
+  mallopt(M_TRIM_THRESHOLD, 1024 * 1024 * 1024);
+  mallopt(M_TOP_PAD, 256 * 1024 * 1024);
+#endif
 }
 
 }  // namespace mae

@@ -11,19 +11,31 @@ namespace mae {
 
 namespace {
 
-// The update of one contiguous float32 parameter, in a single pass.
+// The update of one contiguous float32 range, in a single pass. Restrict pointers and
+// -fno-math-errno (set for this file in CMake) let the compiler vectorise the loop; on x86-64 an
+// AVX2 clone is picked at run time where the processor has it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void update_range(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
+                  int64_t n, float decay_factor, float beta1, float beta2, float step_size, float inv_sqrt_bc2,
+                  float eps) {
+  const float one_minus_b1 = 1.0f - beta1, one_minus_b2 = 1.0f - beta2;
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i];
+    const float mi = beta1 * m[i] + one_minus_b1 * gi;
+    const float vi = beta2 * v[i] + one_minus_b2 * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = p[i] * decay_factor - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
+  }
+}
+
 void fused_update(float* p, const float* g, float* m, float* v, int64_t n, float decay_factor, float beta1,
                   float beta2, float step_size, float inv_sqrt_bc2, float eps) {
-  const float one_minus_b1 = 1.0f - beta1, one_minus_b2 = 1.0f - beta2;
   at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float gi = g[i];
-      const float mi = beta1 * m[i] + one_minus_b1 * gi;
-      const float vi = beta2 * v[i] + one_minus_b2 * gi * gi;
-      m[i] = mi;
-      v[i] = vi;
-      p[i] = p[i] * decay_factor - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
-    }
+    update_range(p + begin, g + begin, m + begin, v + begin, end - begin, decay_factor, beta1, beta2, step_size,
+                 inv_sqrt_bc2, eps);
   });
 }
 

@@ -1,0 +1,62 @@
+// mae-pretrain: masked-autoencoder pretraining from a JSON config. Thin: parse the command line,
+// load the config, call mae::train.
+#include <csignal>
+#include <iostream>
+
+#include "cli.h"
+#include "core/error.h"
+#include "train/config.h"
+#include "train/trainer.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"mae-pretrain: pretrain a 3D masked autoencoder on a folder or list of volumes"};
+  app.name("mae-pretrain");
+  std::string config_path;
+  std::vector<std::string> overrides;
+  std::string resume_path;
+  bool print_config = false, dry_run = false, check_data = false;
+  mae::CommonFlags common;
+  app.add_option("--config,-c", config_path, "run config (JSON); see configs/README.md")->required();
+  app.add_option("--set", overrides, "override a config key, e.g. --set train.lr=2e-4 (repeatable)")
+      ->allow_extra_args(false);
+  auto* resume = app.add_option("--resume", resume_path,
+                                "continue from the run folder's latest checkpoint, or from PATH (checkpoint or run folder)")
+                     ->expected(0, 1);
+  app.add_flag("--print-config", print_config, "print the resolved config and exit");
+  app.add_flag("--dry-run", dry_run, "check config and data, build the model, and exit");
+  app.add_flag("--check-data", check_data, "read every listed volume once, report each, exit 2 if any failed");
+  app.add_option("--log-level", common.log_level, "trace, debug, info, warn, error or off")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+  int threads_flag = -1;
+  app.add_option("--threads", threads_flag, "intra-op threads (overrides the config's threads; 0 = all)")
+      ->check(CLI::NonNegativeNumber);
+
+  return mae::run_program(app, argc, argv, [&] {
+    if (threads_flag >= 0) overrides.push_back("threads=" + std::to_string(threads_flag));
+    const mae::Config config = mae::load_config(config_path, overrides);
+    if (print_config) {
+      std::cout << mae::config_to_json(config).dump(2) << std::endl;
+      return 0;
+    }
+    common.threads = config.threads;
+    mae::apply_common_flags(common);
+    mae::TrainOptions options;
+    options.resume = resume->count() > 0;
+    options.resume_from = resume_path;
+    options.dry_run = dry_run;
+    options.check_data_only = check_data;
+    mae::install_stop_signal_handlers();
+    const auto result = mae::train(config, options);
+    if (check_data) return result.data_failures > 0 ? 2 : 0;
+    if (dry_run) {
+      std::cout << "dry run: config, data and model are fine" << std::endl;
+      return 0;
+    }
+    if (result.interrupted) {
+      std::cerr << "mae-pretrain: stopped at step " << result.step << "; checkpoint " << result.checkpoint
+                << " (continue with --resume)" << std::endl;
+      return result.signal == SIGTERM ? 143 : 130;
+    }
+    return 0;
+  });
+}

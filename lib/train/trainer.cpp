@@ -1,0 +1,495 @@
+#include "train/trainer.h"
+
+#include <ATen/autocast_mode.h>
+#include <spdlog/sinks/basic_file_sink.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+
+#include "core/error.h"
+#include "core/threads.h"
+#include "data/check.h"
+#include "data/dataset.h"
+#include "data/loader.h"
+#include "model/ops.h"
+#include "train/adamw.h"
+#include "train/checkpoint.h"
+#include "train/progress.h"
+#include "train/schedule.h"
+
+namespace fs = std::filesystem;
+
+namespace mae {
+
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+volatile std::sig_atomic_t g_sigint_count = 0;
+
+extern "C" void on_stop_signal(int sig) {
+  if (sig == SIGINT && ++g_sigint_count >= 2) ::_exit(130);
+  g_stop_signal.store(sig);
+}
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Seeds of the run's random streams, derived from the config seed.
+uint64_t mask_seed(uint64_t seed) { return seed * 0x9E3779B97F4A7C15ULL + 0x6D61736BULL; }
+uint64_t val_mask_seed(uint64_t seed) { return seed * 0x9E3779B97F4A7C15ULL + 0x76616C6DULL; }
+
+torch::Device resolve_device(const std::string& name) {
+  if (name == "cpu") return torch::kCPU;
+  if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+  if (!torch::cuda::is_available()) {
+    throw ConfigError("\"device\" = \"" + name +
+                      "\": CUDA is not available (this LibTorch has no CUDA support or no GPU is visible); use \"cpu\"");
+  }
+  torch::Device d(name);
+  if (d.has_index() && d.index() >= static_cast<int>(torch::cuda::device_count())) {
+    throw ConfigError("\"device\" = \"" + name + "\": only " + std::to_string(torch::cuda::device_count()) +
+                      " CUDA device(s) are visible");
+  }
+  return d;
+}
+
+// bfloat16 autocast for one forward pass, on the device's autocast path.
+class AutocastScope {
+ public:
+  AutocastScope(bool enabled, const torch::Device& device) : enabled_(enabled), cuda_(device.is_cuda()) {
+    if (!enabled_) return;
+    if (cuda_) {
+      at::autocast::set_enabled(true);
+      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+    } else {
+      at::autocast::set_cpu_enabled(true);
+      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+    }
+    at::autocast::increment_nesting();
+  }
+  ~AutocastScope() {
+    if (!enabled_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    if (cuda_) {
+      at::autocast::set_enabled(false);
+    } else {
+      at::autocast::set_cpu_enabled(false);
+    }
+  }
+
+ private:
+  bool enabled_, cuda_;
+};
+
+at::Tensor generator_state(at::Generator& gen) {
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_generator_state(at::Generator& gen, const at::Tensor& state) {
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+// Keeps only records with step <= `step` (after a resume, later records are recomputed).
+void truncate_metrics(const fs::path& file, int64_t step) {
+  std::ifstream in(file);
+  if (!in) return;
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    auto rec = nlohmann::json::parse(line, nullptr, false);
+    if (rec.is_discarded() || !rec.contains("step") || rec["step"].get<int64_t>() <= step) {
+      if (!rec.is_discarded()) kept += line + "\n";
+    }
+  }
+  in.close();
+  const fs::path tmp = file.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << kept;
+    if (!out) throw IoError(tmp.string() + ": cannot write");
+  }
+  fs::rename(tmp, file);
+}
+
+void setup_logging(const fs::path& run_dir) {
+  auto console = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
+  std::shared_ptr<spdlog::sinks::basic_file_sink_mt> file;
+  try {
+    file = std::make_shared<spdlog::sinks::basic_file_sink_mt>((run_dir / "train.log").string());
+  } catch (const spdlog::spdlog_ex& e) {
+    throw IoError((run_dir / "train.log").string() + ": cannot open the log file: " + e.what());
+  }
+  file->set_level(spdlog::level::info);
+  auto logger = std::make_shared<spdlog::logger>("mae3d", spdlog::sinks_init_list{console, file});
+  logger->set_level(spdlog::get_level());
+  logger->flush_on(spdlog::level::info);
+  spdlog::set_default_logger(logger);
+}
+
+struct RunData {
+  std::vector<DatasetEntry> train, val;
+  DataConfig config;
+};
+
+RunData prepare_data(const Config& config, const fs::path& run_dir, bool print_lines, int64_t* failures) {
+  RunData d;
+  d.config = config.data;
+  if (d.config.cache_dir.empty()) d.config.cache_dir = default_cache_dir();
+  auto split = split_validation(read_dataset(d.config.dataset), d.config.val_fraction, config.seed);
+  std::vector<DatasetEntry> all = split.training;
+  all.insert(all.end(), split.validation.begin(), split.validation.end());
+  spdlog::info("pre-flight check of {} volume(s) ({} training, {} validation), cache {}", all.size(),
+               split.training.size(), split.validation.size(), d.config.cache_dir);
+  const auto report = check_data(all, d.config);
+  for (const auto& v : report.volumes) {
+    if (print_lines) {
+      std::cout << v.line() << "\n";
+    } else {
+      spdlog::debug("{}", v.line());
+    }
+  }
+  if (failures) *failures = report.failures();
+  if (print_lines) {
+    if (report.failures() > 0) {
+      std::cout << report.failures() << " of " << report.volumes.size() << " volume(s) failed:\n";
+      for (const auto& v : report.volumes)
+        if (!v.ok) std::cout << "  " << v.failure() << "\n";
+    } else {
+      std::cout << "all " << report.volumes.size() << " volume(s) ok\n";
+    }
+    std::cout.flush();
+    return d;
+  }
+  const auto usable = usable_entries(report, d.config);
+  auto keep = [&](const std::vector<DatasetEntry>& list) {
+    std::vector<DatasetEntry> out;
+    for (const auto& e : list)
+      for (const auto& u : usable)
+        if (u.name() == e.name()) {
+          out.push_back(e);
+          break;
+        }
+    return out;
+  };
+  d.train = keep(split.training);
+  d.val = keep(split.validation);
+  if (d.train.empty()) throw InputError(d.config.dataset + ": no usable training volume");
+  return d;
+}
+
+double validate(MaskedAutoencoder& model, const RunData& data, const Config& config, const torch::Device& device,
+                bool bf16) {
+  DataConfig vcfg = data.config;
+  vcfg.flip_prob = 0.0;
+  LoaderOptions lo;
+  lo.crop_size = {config.model.img_size[0], config.model.img_size[1], config.model.img_size[2]};
+  lo.batch_size = config.train.batch_size;
+  lo.seed = config.seed + 1;
+  lo.shuffle = false;
+  lo.drop_last = false;
+  Loader loader(data.val, vcfg, lo);
+  auto gen = at::detail::createCPUGenerator(val_mask_seed(config.seed));
+  torch::NoGradGuard no_grad;
+  model->eval();
+  double sum = 0.0;
+  int64_t count = 0;
+  for (int64_t b = 0; b < loader.batches_per_epoch(); ++b) {
+    auto batch = loader.next();
+    auto x = batch.images.to(device);
+    AutocastScope autocast(bf16, device);
+    auto out = model->forward(x, std::nullopt, gen);
+    auto loss = masked_mse_loss(out.pred.to(torch::kFloat), model->target(x), out.mask, config.model.norm_pix_loss);
+    sum += loss.item<double>() * static_cast<double>(x.size(0));
+    count += x.size(0);
+  }
+  model->train();
+  return count > 0 ? sum / static_cast<double>(count) : std::nan("");
+}
+
+}  // namespace
+
+void request_stop(int signal) { g_stop_signal.store(signal == 0 ? SIGINT : signal); }
+
+void clear_stop_request() {
+  g_stop_signal.store(0);
+  g_sigint_count = 0;
+}
+
+void install_stop_signal_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
+
+TrainResult train(const Config& config, const TrainOptions& options) {
+  TrainResult result;
+  const int threads = set_threads(config.threads);
+  const torch::Device device = resolve_device(config.device);
+  const fs::path run_dir(config.output.dir);
+  std::error_code ec;
+  fs::create_directories(run_dir, ec);
+  if (ec || !fs::is_directory(run_dir)) {
+    throw IoError(run_dir.string() + ": cannot create the run folder (output.dir): " +
+                  (ec ? ec.message() : std::string("not a folder")));
+  }
+  if (::access(run_dir.c_str(), W_OK) != 0) throw IoError(run_dir.string() + ": the run folder is not writable");
+  setup_logging(run_dir);
+
+  // Checkpoint to continue from, if any.
+  std::string resume_dir;
+  if (options.resume) {
+    resume_dir = resolve_checkpoint(options.resume_from.empty() ? run_dir.string() : options.resume_from);
+  } else if (!options.check_data_only && !options.dry_run && !latest_checkpoint(run_dir.string()).empty()) {
+    throw ConfigError("\"output.dir\" = \"" + run_dir.string() +
+                      "\" already holds checkpoints; pass --resume to continue that run or choose another output.dir");
+  }
+  CheckpointInfo resumed;
+  if (!resume_dir.empty()) {
+    resumed = read_checkpoint_info(resume_dir);
+    if (resumed.config.value("model", nlohmann::json()) != config_to_json(config).at("model")) {
+      throw CheckpointError(resume_dir + ": its model section differs from the config's; resume with the same model");
+    }
+  }
+
+  int64_t failures = 0;
+  const RunData data = prepare_data(config, run_dir, options.check_data_only, &failures);
+  if (options.check_data_only) {
+    result.data_failures = failures;
+    return result;
+  }
+
+  torch::manual_seed(config.seed);
+  MaskedAutoencoder model(model_options_from(config.model));
+  model->to(device);
+  model->train();
+  auto groups = decay_groups(*model);
+  AdamW optimizer({{groups.first, config.train.weight_decay}, {groups.second, 0.0}},
+                  AdamWOptions{0.0, config.train.beta1, config.train.beta2, 1e-8});
+
+  LoaderOptions lo;
+  lo.crop_size = {config.model.img_size[0], config.model.img_size[1], config.model.img_size[2]};
+  lo.batch_size = config.train.batch_size;
+  lo.seed = config.seed;
+  LoaderPosition start;
+  int64_t step = 0, skipped = 0;
+  double smoothed = std::nan("");
+  std::optional<double> best_val;
+  auto mask_gen = at::detail::createCPUGenerator(mask_seed(config.seed));
+  if (!resume_dir.empty()) {
+    load_model(resume_dir, *model);
+    load_optimizer(resume_dir, optimizer);
+    const auto rng = load_rng(resume_dir);
+    auto global = at::detail::getDefaultCPUGenerator();
+    try {
+      set_generator_state(mask_gen, rng.at("mask"));
+      set_generator_state(global, rng.at("global_cpu"));
+      const auto& s = resumed.trainer_state;
+      step = s.at("step").get<int64_t>();
+      start.epoch = s.at("loader_epoch").get<int64_t>();
+      start.batch = s.at("loader_batch").get<int64_t>();
+      skipped = s.value("nonfinite_skipped", int64_t{0});
+      if (s.contains("smoothed_loss") && s["smoothed_loss"].is_number()) smoothed = s["smoothed_loss"].get<double>();
+      if (s.contains("best_val_loss") && s["best_val_loss"].is_number()) best_val = s["best_val_loss"].get<double>();
+    } catch (const std::exception& e) {
+      throw CheckpointError(resume_dir + ": trainer state or random states are damaged: " + e.what());
+    }
+  }
+  Loader loader(data.train, data.config, lo, start);
+  const int64_t accum = config.train.grad_accum_steps;
+  const int64_t total = config.train.max_steps > 0
+                            ? config.train.max_steps
+                            : std::max<int64_t>(1, config.train.epochs * loader.batches_per_epoch() / accum);
+  const int64_t effective_batch = config.train.batch_size * accum;
+  const double peak = config.train.lr ? *config.train.lr : scaled_lr(config.train.base_lr, effective_batch);
+  const bool bf16 = config.train.precision == "bf16";
+  const int64_t val_every = config.train.val_every > 0 ? config.train.val_every : config.train.checkpoint_every;
+
+  // The resolved config, written once per start.
+  {
+    const auto resolved = config_to_json(config);
+    std::ofstream out(run_dir / "config.json", std::ios::trunc);
+    out << resolved.dump(2) << "\n";
+    if (!out) throw IoError((run_dir / "config.json").string() + ": cannot write");
+  }
+  spdlog::info("model: {:.2f} M parameters, {} patches of {} voxels, {} visible; device {}, {} threads",
+               [&] {
+                 double n = 0;
+                 for (const auto& p : model->parameters()) n += static_cast<double>(p.numel());
+                 return n / 1e6;
+               }(),
+               model->options().num_patches(), model->options().patch_dim(),
+               num_visible(model->options().num_patches(), config.model.masking_ratio), device.str(), threads);
+  spdlog::info("data: {} training and {} validation volume(s), {} batch(es) per epoch; lr {:.3g} (effective batch {}), "
+               "{} steps{}",
+               data.train.size(), data.val.size(), loader.batches_per_epoch(), peak, effective_batch, total,
+               resume_dir.empty() ? "" : ", resuming from " + resume_dir + " at step " + std::to_string(step));
+  if (options.dry_run) {
+    result.step = step;
+    return result;
+  }
+
+  const fs::path metrics_path = run_dir / "metrics.jsonl";
+  if (resume_dir.empty()) {
+    std::ofstream(metrics_path, std::ios::trunc);
+  } else {
+    truncate_metrics(metrics_path, step);
+  }
+  std::ofstream metrics(metrics_path, std::ios::app);
+  if (!metrics) throw IoError(metrics_path.string() + ": cannot open for writing");
+
+  auto trainer_state = [&](const LoaderPosition& pos) {
+    return nlohmann::json{{"step", step},
+                          {"epoch", pos.epoch},
+                          {"loader_epoch", pos.epoch},
+                          {"loader_batch", pos.batch},
+                          {"nonfinite_skipped", skipped},
+                          {"smoothed_loss", std::isfinite(smoothed) ? nlohmann::json(smoothed) : nlohmann::json()},
+                          {"best_val_loss", best_val ? nlohmann::json(*best_val) : nlohmann::json()},
+                          {"lr_peak", peak},
+                          {"total_steps", total}};
+  };
+  auto write_checkpoint = [&](bool diverged, std::optional<double> val_loss, const LoaderPosition& pos) {
+    CheckpointInfo info;
+    info.step = step;
+    info.config = config_to_json(config);
+    info.trainer_state = trainer_state(pos);
+    info.diverged = diverged;
+    info.val_loss = val_loss;
+    auto global = at::detail::getDefaultCPUGenerator();
+    const std::map<std::string, at::Tensor> rng{{"mask", generator_state(mask_gen)},
+                                                {"global_cpu", generator_state(global)}};
+    result.checkpoint = save_checkpoint(run_dir.string(), info, *model, &optimizer, rng);
+    prune_checkpoints(run_dir.string(), config.train.keep_last);
+    spdlog::info("checkpoint {}{}", result.checkpoint, diverged ? " (marked diverged)" : "");
+  };
+
+  Progress progress(total, step, config.train.log_every);
+  LoaderPosition position = loader.position();
+  while (step < total) {
+    if (const int sig = g_stop_signal.load()) {
+      progress.finish();
+      spdlog::warn("stop requested (signal {}): writing a checkpoint at step {}", sig, step);
+      write_checkpoint(false, std::nullopt, position);
+      result.interrupted = true;
+      result.signal = sig;
+      result.step = step;
+      return result;
+    }
+    const auto t_step = Clock::now();
+    const double lr = lr_at(step, total, config.train.lr_warmup_steps, peak, config.train.lr_min);
+    optimizer.set_lr(lr);
+    double data_wait = 0.0, loss_value = 0.0;
+    int64_t samples = 0;
+    bool finite = true;
+    for (int64_t micro = 0; micro < accum; ++micro) {
+      const auto t_data = Clock::now();
+      auto batch = loader.next();
+      data_wait += seconds_since(t_data);
+      auto x = batch.images.to(device);
+      if (x.size(1) != config.model.in_channels) {
+        throw InputError(data.config.dataset + ": volumes have " + std::to_string(x.size(1)) +
+                         " channel(s) but model.in_channels is " + std::to_string(config.model.in_channels));
+      }
+      samples += x.size(0);
+      torch::Tensor loss;
+      {
+        AutocastScope autocast(bf16, device);
+        auto out = model->forward(x, std::nullopt, mask_gen);
+        loss = masked_mse_loss(out.pred.to(torch::kFloat), model->target(x), out.mask, config.model.norm_pix_loss);
+      }
+      const double v = loss.item<double>();
+      if (!std::isfinite(v)) {
+        finite = false;
+        loss_value = v;
+        break;
+      }
+      loss_value += v / static_cast<double>(accum);
+      (accum > 1 ? loss / static_cast<double>(accum) : loss).backward();
+    }
+    const LoaderPosition next_position = loader.position();
+    if (!finite) {
+      optimizer.zero_grad();
+      if (config.train.on_nonfinite == "error") {
+        progress.finish();
+        write_checkpoint(true, std::nullopt, position);
+        throw Error("step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(loss_value) +
+                    "); checkpoint " + result.checkpoint +
+                    " marked diverged. Lower train.lr, enable train.grad_clip_norm, or set train.on_nonfinite "
+                    "\"skip\"");
+      }
+      ++skipped;
+      spdlog::warn("step {}: non-finite loss, batch skipped ({} so far)", step + 1, skipped);
+      if (skipped > config.train.max_nonfinite) {
+        throw Error("step " + std::to_string(step + 1) + ": " + std::to_string(skipped) +
+                    " batches had a non-finite loss (train.max_nonfinite = " +
+                    std::to_string(config.train.max_nonfinite) + "); stopping");
+      }
+      position = next_position;
+      continue;
+    }
+    const bool log_now = (step + 1) % config.train.log_every == 0 || step + 1 == total;
+    double grad_norm = std::nan("");
+    if (config.train.grad_clip_norm > 0.0) {
+      grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), config.train.grad_clip_norm);
+    } else if (log_now) {
+      double sq = 0.0;
+      for (const auto& p : model->parameters())
+        if (p.grad().defined()) sq += p.grad().pow(2).sum().item<double>();
+      grad_norm = std::sqrt(sq);
+    }
+    optimizer.step();
+    optimizer.zero_grad();
+    ++step;
+    position = next_position;
+    smoothed = std::isfinite(smoothed) ? 0.98 * smoothed + 0.02 * loss_value : loss_value;
+    const double step_s = seconds_since(t_step);
+    progress.update(step, loss_value, smoothed, lr, static_cast<double>(samples) / step_s, data_wait / step_s, step_s);
+
+    std::optional<double> val_loss;
+    if (!data.val.empty() && (step % val_every == 0 || step == total)) {
+      val_loss = validate(model, data, config, device, bf16);
+      if (!best_val || *val_loss < *best_val) best_val = val_loss;
+      progress.note("step " + std::to_string(step) + ": validation loss " + std::to_string(*val_loss));
+    }
+    if (log_now || val_loss) {
+      nlohmann::json rec = {{"step", step},
+                            {"epoch", position.epoch},
+                            {"loss", loss_value},
+                            {"lr", lr},
+                            {"samples_per_s", static_cast<double>(samples) / step_s},
+                            {"data_wait_s", data_wait},
+                            {"step_s", step_s}};
+      rec["grad_norm"] = std::isfinite(grad_norm) ? nlohmann::json(grad_norm) : nlohmann::json();
+      rec["val_loss"] = val_loss ? nlohmann::json(*val_loss) : nlohmann::json();
+      metrics << rec.dump() << "\n";
+      metrics.flush();
+      if (!metrics) throw IoError(metrics_path.string() + ": cannot write (disk full?)");
+    }
+    if (step % config.train.checkpoint_every == 0 || step == total) {
+      progress.pause();
+      write_checkpoint(false, val_loss, position);
+    }
+    if (options.on_step) options.on_step(step, loss_value);
+  }
+  progress.finish();
+  result.step = step;
+  spdlog::info("done: {} steps, last checkpoint {}", step, result.checkpoint);
+  return result;
+}
+
+}  // namespace mae
