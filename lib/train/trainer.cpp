@@ -249,6 +249,7 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   }
   if (::access(run_dir.c_str(), W_OK) != 0) throw IoError(run_dir.string() + ": the run folder is not writable");
   setup_logging(run_dir);
+  remove_partial_checkpoints(run_dir.string());  // folders of writes a crash interrupted
 
   // Checkpoint to continue from, if any.
   std::string resume_dir;

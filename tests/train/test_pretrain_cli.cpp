@@ -1,0 +1,159 @@
+// mae-pretrain as a user runs it: exit statuses for SIGINT / SIGTERM / SIGKILL, resume after each,
+// and one-line errors for bad configs.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "io/io.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Result {
+  int status = -1;
+  std::string out;
+};
+
+class PretrainCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    static std::atomic<int> counter{0};
+    dir_ = fs::temp_directory_path() / ("mae3d_cli_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    std::ofstream list(dir_ / "list.txt");
+    for (int i = 0; i < 2; ++i) {
+      mae::Volume v;
+      v.data = (torch::rand({1, 20, 20, 20}) + 1.0).contiguous();
+      const std::string name = "v" + std::to_string(i) + ".nii.gz";
+      mae::write_volume(v, (dir_ / name).string());
+      list << name << "\n";
+    }
+    nlohmann::json cfg = {
+        {"device", "cpu"},
+        {"threads", 1},
+        {"data", {{"dataset", (dir_ / "list.txt").string()}, {"cache_dir", (dir_ / "cache").string()}, {"val_fraction", 0}}},
+        {"model",
+         {{"img_size", {16, 16, 16}}, {"patch_size", {4, 4, 4}}, {"hidden_size", 24}, {"mlp_dim", 48},
+          {"num_layers", 1}, {"num_heads", 2}, {"decoder_hidden_size", 12}, {"decoder_mlp_dim", 24},
+          {"decoder_num_layers", 1}, {"decoder_num_heads", 2}}},
+        {"train", {{"batch_size", 2}, {"max_steps", 1000000}, {"log_every", 1}, {"checkpoint_every", 3}}},
+        {"output", {{"dir", (dir_ / "run").string()}}}};
+    std::ofstream(dir_ / "config.json") << cfg.dump(2);
+  }
+  void TearDown() override {
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  // Starts mae-pretrain with `args`; output goes to dir_/out.txt.
+  pid_t start(const std::vector<std::string>& args) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      const std::string out = (dir_ / "out.txt").string();
+      FILE* f = std::freopen(out.c_str(), "w", stdout);
+      (void)f;
+      ::dup2(::fileno(stdout), 2);
+      std::vector<char*> argv{const_cast<char*>(MAE_PRETRAIN_BIN)};
+      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+      argv.push_back(nullptr);
+      ::execv(MAE_PRETRAIN_BIN, argv.data());
+      ::_exit(127);
+    }
+    return pid;
+  }
+
+  Result finish(pid_t pid) {
+    Result r;
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    r.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    std::ifstream in(dir_ / "out.txt");
+    r.out.assign(std::istreambuf_iterator<char>(in), {});
+    return r;
+  }
+
+  Result run(const std::vector<std::string>& args) { return finish(start(args)); }
+
+  // Waits until metrics.jsonl has at least `lines` records.
+  bool wait_for_steps(int lines) {
+    for (int i = 0; i < 600; ++i) {
+      std::ifstream in(dir_ / "run" / "metrics.jsonl");
+      int n = 0;
+      std::string line;
+      while (std::getline(in, line)) ++n;
+      if (n >= lines) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return false;
+  }
+
+  std::string config() const { return (dir_ / "config.json").string(); }
+  fs::path dir_;
+};
+
+TEST_F(PretrainCli, SigintWritesACheckpointAndExits130ThenResumeContinues) {
+  const pid_t pid = start({"--config", config()});
+  ASSERT_TRUE(wait_for_steps(4));
+  ::kill(pid, SIGINT);
+  const auto r = finish(pid);
+  EXPECT_EQ(r.status, 130) << r.out;
+  EXPECT_NE(r.out.find("continue with --resume"), std::string::npos) << r.out;
+  ASSERT_TRUE(fs::exists(dir_ / "run" / "checkpoints" / "latest"));
+  std::string name;
+  std::ifstream(dir_ / "run" / "checkpoints" / "latest") >> name;
+  const int64_t stopped = std::stoll(name.substr(5));
+  EXPECT_GE(stopped, 4);
+  // Resume and run a few more steps to a fixed end.
+  const auto resumed = run({"--config", config(), "--resume", "--set", "train.max_steps=" + std::to_string(stopped + 2)});
+  EXPECT_EQ(resumed.status, 0) << resumed.out;
+  EXPECT_NE(resumed.out.find("resuming from"), std::string::npos) << resumed.out;
+}
+
+TEST_F(PretrainCli, SigtermExits143) {
+  const pid_t pid = start({"--config", config()});
+  ASSERT_TRUE(wait_for_steps(2));
+  ::kill(pid, SIGTERM);
+  EXPECT_EQ(finish(pid).status, 143);
+  EXPECT_TRUE(fs::exists(dir_ / "run" / "checkpoints" / "latest"));
+}
+
+TEST_F(PretrainCli, SigkillLeavesThePreviousCheckpointLoadable) {
+  const pid_t pid = start({"--config", config()});
+  ASSERT_TRUE(wait_for_steps(8));
+  ::kill(pid, SIGKILL);
+  finish(pid);
+  const auto resumed = run({"--config", config(), "--resume", "--set", "train.max_steps=12"});
+  EXPECT_EQ(resumed.status, 0) << resumed.out;
+}
+
+TEST_F(PretrainCli, BadConfigsGiveOneLineErrorsAndStatus2) {
+  auto r = run({"--config", config(), "--set", "train.lr_warmup_step=3"});
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.out.find("did you mean \"train.lr_warmup_steps\"?"), std::string::npos) << r.out;
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
+  r = run({"--config", (dir_ / "nope.json").string()});
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.out.find("nope.json: cannot open"), std::string::npos) << r.out;
+  r = run({"--config", config(), "--set", "device=cuda:0"});
+  EXPECT_EQ(r.status, 2) << r.out;
+  r = run({"--config", config(), "--print-config"});
+  EXPECT_EQ(r.status, 0);
+  EXPECT_NE(r.out.find("\"lr_warmup_steps\": 100"), std::string::npos);
+  r = run({"--config", config(), "--dry-run"});
+  EXPECT_EQ(r.status, 0) << r.out;
+  EXPECT_FALSE(fs::exists(dir_ / "run" / "checkpoints"));
+}
+
+}  // namespace
