@@ -33,6 +33,12 @@ void check_choice(const std::string& name, const std::string& value, std::initia
   throw ConfigError(name + " = \"" + value + "\" is not allowed; choose one of " + list);
 }
 
+// LayerNorm in its weights' precision: under bfloat16 autocast the CPU kernel refuses mixed dtypes
+// (CUDA autocast runs layer_norm in float32 too).
+torch::Tensor norm_in_weight_dtype(torch::nn::LayerNorm& norm, const torch::Tensor& x) {
+  return x.scalar_type() == norm->weight.scalar_type() ? norm(x) : norm(x.to(norm->weight.scalar_type()));
+}
+
 // Truncated normal N(0, std) on [-2, 2], as MONAI's trunc_normal_ with a = -2, b = 2.
 void trunc_normal_(torch::Tensor t, double std) {
   t.normal_(0.0, std).clamp_(-2.0, 2.0);
@@ -121,7 +127,7 @@ torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x) {
   const int64_t B = x.size(0), T = x.size(1), hd = width_ / heads_;
   const bool drop = dropout_ > 0.0 && is_training();
   // Attention: (B, T, E) -> (3, B, heads, T, hd).
-  auto qkv_t = qkv(norm1(x)).view({B, T, 3, heads_, hd}).permute({2, 0, 3, 1, 4});
+  auto qkv_t = qkv(norm_in_weight_dtype(norm1, x)).view({B, T, 3, heads_, hd}).permute({2, 0, 3, 1, 4});
   auto parts = qkv_t.unbind(0);
   auto att = torch::matmul(parts[0], parts[1].transpose(-2, -1)).mul_(1.0 / std::sqrt(static_cast<double>(hd)));
   att = torch::softmax(att, -1);
@@ -129,7 +135,7 @@ torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x) {
   auto o = out_proj(torch::matmul(att, parts[2]).transpose(1, 2).reshape({B, T, width_}));
   if (drop) o = torch::dropout(o, dropout_, true);
   auto h = x + o;
-  auto m = torch::gelu(linear1(norm2(h)));
+  auto m = torch::gelu(linear1(norm_in_weight_dtype(norm2, h)));
   if (drop) m = torch::dropout(m, dropout_, true);
   m = linear2(m);
   if (drop) m = torch::dropout(m, dropout_, true);
@@ -275,14 +281,16 @@ MaeOutput MaskedAutoencoderImpl::forward_visible(const torch::Tensor& x, const t
               "visible indices must be (B, keep) with 1 <= keep < N");
   auto h = torch::cat({cls_token_.expand({B, 1, cls_token_.size(2)}), embed(x, &visible)}, 1);
   for (auto& block : blocks_) h = block(h);
-  h = decoder_embed_(norm_(h));
+  h = decoder_embed_(norm_in_weight_dtype(norm_, h));
   // Mask tokens everywhere, visible tokens scattered back to their grid positions.
-  auto full = mask_tokens_.expand({B, N, Ed}).scatter(1, visible.unsqueeze(-1).expand({B, visible.size(1), Ed}),
-                                                       h.slice(1, 1));
-  if (options_.decoder_pos_embed_type() != "none") full = full + decoder_pos_embedding_;
+  // Under autocast the activations may be bfloat16 while tokens and tables stay float32.
+  auto full = mask_tokens_.to(h.scalar_type())
+                  .expand({B, N, Ed})
+                  .scatter(1, visible.unsqueeze(-1).expand({B, visible.size(1), Ed}), h.slice(1, 1));
+  if (options_.decoder_pos_embed_type() != "none") full = full + decoder_pos_embedding_.to(h.scalar_type());
   h = torch::cat({h.slice(1, 0, 1), full}, 1);
   for (auto& block : decoder_blocks_) h = block(h);
-  auto pred = decoder_pred_(decoder_norm_(h).slice(1, 1));
+  auto pred = decoder_pred_(norm_in_weight_dtype(decoder_norm_, h).slice(1, 1));
   return {pred, mask_from_visible(visible, N), visible};
 }
 
@@ -290,7 +298,7 @@ torch::Tensor MaskedAutoencoderImpl::encode(const torch::Tensor& x) {
   check_input(x);
   auto h = embed(x, nullptr);
   for (auto& block : blocks_) h = block(h);
-  return norm_(h);
+  return norm_in_weight_dtype(norm_, h);
 }
 
 torch::Tensor MaskedAutoencoderImpl::target(const torch::Tensor& x) const { return patchify(x, options_.patch_size()); }

@@ -312,3 +312,21 @@ TEST_F(Trainer, CheckDataReportsEveryFailure) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST_F(Trainer, Bfloat16AutocastTrainsWithFiniteLosses) {
+  TempDir dir;
+  write_dataset(dir);
+  auto tree = tiny_tree(dir);
+  tree["train"]["precision"] = "bf16";
+  tree["train"]["max_steps"] = 5;
+  EXPECT_EQ(mae::train(mae::config_from_json(tree), {}).step, 5);
+  for (const auto& [step, text] : losses(dir / "run")) {
+    const double loss = nlohmann::json::parse(text.substr(0, text.find('|'))).get<double>();
+    EXPECT_TRUE(std::isfinite(loss)) << step;
+    EXPECT_GT(loss, 0.0);
+  }
+}
+
+}  // namespace
