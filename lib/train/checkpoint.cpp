@@ -34,6 +34,33 @@ void sync_path(const fs::path& path, bool directory) {
   if (rc != 0) throw IoError(path.string() + ": cannot flush to disk: " + why);
 }
 
+// Writes an archive to `path` and flushes it to disk. LibTorch's own save_to(filename) throws from
+// a destructor when the disk fills up, which ends the process; here the bytes go through our own
+// write calls, a failure is remembered, and the archive writer always sees success.
+void save_archive(torch::serialize::OutputArchive& archive, const fs::path& path) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) throw IoError(path.string() + ": cannot create: " + errno_text());
+  int error = 0;
+  archive.save_to([&](const void* data, size_t n) -> size_t {
+    const char* p = static_cast<const char*>(data);
+    size_t left = error == 0 ? n : 0;
+    while (left > 0) {
+      const ssize_t written = ::write(fd, p, left);
+      if (written < 0) {
+        if (errno == EINTR) continue;
+        error = errno;
+        break;
+      }
+      p += written;
+      left -= static_cast<size_t>(written);
+    }
+    return n;
+  });
+  if (error == 0 && ::fsync(fd) != 0) error = errno;
+  ::close(fd);
+  if (error != 0) throw IoError(path.string() + ": cannot write: " + std::strerror(error));
+}
+
 void write_text(const fs::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << text;
@@ -103,22 +130,19 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointInfo& in
     try {
       torch::serialize::OutputArchive model_archive;
       model.save(model_archive);
-      model_archive.save_to((tmp / "model.pt").string());
+      save_archive(model_archive, tmp / "model.pt");
       if (optimizer) {
         torch::serialize::OutputArchive opt_archive;
         optimizer->save(opt_archive);
-        opt_archive.save_to((tmp / "optimizer.pt").string());
+        save_archive(opt_archive, tmp / "optimizer.pt");
       }
       torch::serialize::OutputArchive rng_archive;
       for (const auto& [key, value] : rng) rng_archive.write(key, value, /*is_buffer=*/true);
-      rng_archive.save_to((tmp / "rng.pt").string());
+      save_archive(rng_archive, tmp / "rng.pt");
     } catch (const Error&) {
       throw;
     } catch (const std::exception& e) {
       throw IoError(tmp.string() + ": cannot write checkpoint tensors: " + what_of(e));
-    }
-    for (const char* f : {"model.pt", "optimizer.pt", "rng.pt"}) {
-      if (fs::exists(tmp / f)) sync_path(tmp / f, false);
     }
     write_text(tmp / "trainer_state.json", info.trainer_state.dump(2));
     write_text(tmp / "config.json", info.config.dump(2));

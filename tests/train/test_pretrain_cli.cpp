@@ -2,12 +2,14 @@
 // and one-line errors for bad configs.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -57,10 +59,16 @@ class PretrainCli : public ::testing::Test {
     fs::remove_all(dir_, ec);
   }
 
-  // Starts mae-pretrain with `args`; output goes to dir_/out.txt.
-  pid_t start(const std::vector<std::string>& args) {
+  // Starts mae-pretrain with `args`; output goes to dir_/out.txt. A nonzero `file_limit` caps the
+  // size of every file the program writes, as a full disk would.
+  pid_t start(const std::vector<std::string>& args, rlim_t file_limit = 0) {
     const pid_t pid = ::fork();
     if (pid == 0) {
+      if (file_limit > 0) {
+        std::signal(SIGXFSZ, SIG_IGN);
+        rlimit limit{file_limit, file_limit};
+        ::setrlimit(RLIMIT_FSIZE, &limit);
+      }
       const std::string out = (dir_ / "out.txt").string();
       FILE* f = std::freopen(out.c_str(), "w", stdout);
       (void)f;
@@ -84,7 +92,7 @@ class PretrainCli : public ::testing::Test {
     return r;
   }
 
-  Result run(const std::vector<std::string>& args) { return finish(start(args)); }
+  Result run(const std::vector<std::string>& args, rlim_t file_limit = 0) { return finish(start(args, file_limit)); }
 
   // Waits until metrics.jsonl has at least `lines` records.
   bool wait_for_steps(int lines) {
@@ -154,6 +162,27 @@ TEST_F(PretrainCli, BadConfigsGiveOneLineErrorsAndStatus2) {
   r = run({"--config", config(), "--dry-run"});
   EXPECT_EQ(r.status, 0) << r.out;
   EXPECT_FALSE(fs::exists(dir_ / "run" / "checkpoints"));
+}
+
+TEST_F(PretrainCli, DiskFullWhileCheckpointingNamesThePathAndKeepsThePreviousCheckpoint) {
+  // A model whose weights (~1.4 MB) do not fit under the 1 MB file limit used below.
+  const std::vector<std::string> wide = {"--set", "model.hidden_size=96", "--set", "model.mlp_dim=384",
+                                         "--set", "model.num_layers=3"};
+  auto args = std::vector<std::string>{"--config", config(), "--set", "train.max_steps=3"};
+  args.insert(args.end(), wide.begin(), wide.end());
+  ASSERT_EQ(run(args).status, 0);
+  args = {"--config", config(), "--resume", "--set", "train.max_steps=6"};
+  args.insert(args.end(), wide.begin(), wide.end());
+  const auto full = run(args, /*file_limit=*/1 << 20);
+  EXPECT_EQ(full.status, 1) << full.out;
+  EXPECT_NE(full.out.find("checkpoints/"), std::string::npos) << full.out;
+  EXPECT_NE(full.out.find("cannot"), std::string::npos) << full.out;
+  std::string name;
+  std::ifstream(dir_ / "run" / "checkpoints" / "latest") >> name;
+  EXPECT_EQ(name, "step_00000003");
+  EXPECT_FALSE(fs::exists(dir_ / "run" / "checkpoints" / "step_00000006"));
+  // The previous checkpoint still loads and the run completes once space is back.
+  EXPECT_EQ(run(args).status, 0);
 }
 
 }  // namespace
