@@ -14,12 +14,6 @@ namespace mae {
 
 namespace {
 
-std::string list_str(const std::vector<int64_t>& v) {
-  std::string s = "[";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return s + "]";
-}
-
 void require(bool ok, const std::string& message) {
   if (!ok) throw ConfigError(message);
 }
@@ -63,15 +57,15 @@ int64_t MaskedAutoencoderOptions::patch_dim() const {
 void MaskedAutoencoderOptions::validate() const {
   require(in_channels_ >= 1, "in_channels = " + std::to_string(in_channels_) + " must be at least 1");
   require(img_size_.size() == 2 || img_size_.size() == 3,
-          "img_size = " + list_str(img_size_) + " must have 2 or 3 entries (2D or 3D)");
-  require(patch_size_.size() == img_size_.size(), "patch_size = " + list_str(patch_size_) + " must have as many entries as img_size = " + list_str(img_size_));
+          "img_size = " + sizes_str(img_size_) + " must have 2 or 3 entries (2D or 3D)");
+  require(patch_size_.size() == img_size_.size(), "patch_size = " + sizes_str(patch_size_) + " must have as many entries as img_size = " + sizes_str(img_size_));
   for (size_t i = 0; i < img_size_.size(); ++i) {
-    require(img_size_[i] >= 1, "img_size = " + list_str(img_size_) + " must be positive");
-    require(patch_size_[i] >= 1, "patch_size = " + list_str(patch_size_) + " must be positive");
+    require(img_size_[i] >= 1, "img_size = " + sizes_str(img_size_) + " must be positive");
+    require(patch_size_[i] >= 1, "patch_size = " + sizes_str(patch_size_) + " must be positive");
     require(patch_size_[i] <= img_size_[i],
-            "patch_size = " + list_str(patch_size_) + " is larger than img_size = " + list_str(img_size_));
+            "patch_size = " + sizes_str(patch_size_) + " is larger than img_size = " + sizes_str(img_size_));
     require(img_size_[i] % patch_size_[i] == 0,
-            "patch_size = " + list_str(patch_size_) + " does not divide img_size = " + list_str(img_size_));
+            "patch_size = " + sizes_str(patch_size_) + " does not divide img_size = " + sizes_str(img_size_));
   }
   auto width_check = [](const std::string& prefix, int64_t width, int64_t heads, int64_t mlp, int64_t layers) {
     require(width >= 1, prefix + "hidden_size = " + std::to_string(width) + " must be at least 1");
@@ -244,7 +238,7 @@ void MaskedAutoencoderImpl::check_input(const torch::Tensor& x) const {
   if (!ok) {
     std::string want = "(B, " + std::to_string(o.in_channels());
     for (int64_t s : o.img_size()) want += ", " + std::to_string(s);
-    throw InputError("MaskedAutoencoder: input of shape " + list_str(x.sizes().vec()) + " does not match the model's " +
+    throw InputError("MaskedAutoencoder: input of shape " + sizes_str(x.sizes().vec()) + " does not match the model's " +
                      want + ") (in_channels and img_size)");
   }
 }
@@ -305,8 +299,8 @@ torch::Tensor MaskedAutoencoderImpl::target(const torch::Tensor& x) const { retu
 
 void MaskedAutoencoderImpl::pretty_print(std::ostream& stream) const {
   const auto& o = options_;
-  stream << "mae::MaskedAutoencoder(in_channels=" << o.in_channels() << ", img_size=" << list_str(o.img_size())
-         << ", patch_size=" << list_str(o.patch_size()) << ", hidden_size=" << o.hidden_size()
+  stream << "mae::MaskedAutoencoder(in_channels=" << o.in_channels() << ", img_size=" << sizes_str(o.img_size())
+         << ", patch_size=" << sizes_str(o.patch_size()) << ", hidden_size=" << o.hidden_size()
          << ", mlp_dim=" << o.mlp_dim() << ", num_layers=" << o.num_layers() << ", num_heads=" << o.num_heads()
          << ", masking_ratio=" << o.masking_ratio() << ", decoder_hidden_size=" << o.decoder_hidden_size()
          << ", decoder_mlp_dim=" << o.decoder_mlp_dim() << ", decoder_num_layers=" << o.decoder_num_layers()

@@ -12,12 +12,6 @@ namespace mae {
 
 namespace {
 
-std::string list_str(const std::vector<int64_t>& v) {
-  std::string s = "[";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return s + "]";
-}
-
 int64_t product(const std::vector<int64_t>& v) {
   return std::accumulate(v.begin(), v.end(), int64_t{1}, std::multiplies<int64_t>());
 }
@@ -42,6 +36,12 @@ at::Tensor split_patches(const at::Tensor& x, const std::vector<int64_t>& patch_
 }
 
 }  // namespace
+
+std::string sizes_str(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
 
 std::vector<int64_t> patch_grid(const std::vector<int64_t>& img_size, const std::vector<int64_t>& patch_size) {
   std::vector<int64_t> grid;
@@ -73,7 +73,7 @@ at::Tensor unpatchify(const at::Tensor& patches, const std::vector<int64_t>& img
   const int64_t B = patches.size(0);
   if (patches.dim() != 3 || patches.size(1) != product(grid) || patches.size(2) != product(patch_size) * channels) {
     throw InputError("unpatchify: expected (B, " + std::to_string(product(grid)) + ", " +
-                     std::to_string(product(patch_size) * channels) + ") patches, got " + list_str(patches.sizes().vec()));
+                     std::to_string(product(patch_size) * channels) + ") patches, got " + sizes_str(patches.sizes().vec()));
   }
   std::vector<int64_t> shape{B};
   shape.insert(shape.end(), grid.begin(), grid.end());
@@ -139,8 +139,8 @@ at::Tensor mask_from_visible(const at::Tensor& visible, int64_t n) {
 at::Tensor masked_mse_loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask, bool norm_pix) {
   if (pred.sizes() != target.sizes() || pred.dim() != 3 || mask.dim() != 2 || mask.size(0) != pred.size(0) ||
       mask.size(1) != pred.size(1)) {
-    throw InputError("masked_mse_loss: pred " + list_str(pred.sizes().vec()) + ", target " +
-                     list_str(target.sizes().vec()) + " and mask " + list_str(mask.sizes().vec()) + " do not match");
+    throw InputError("masked_mse_loss: pred " + sizes_str(pred.sizes().vec()) + ", target " +
+                     sizes_str(target.sizes().vec()) + " and mask " + sizes_str(mask.sizes().vec()) + " do not match");
   }
   auto t = target;
   if (norm_pix) {

@@ -7,9 +7,13 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace mae {
+
+/// "[a, b, c]": sizes as they appear in messages.
+std::string sizes_str(const std::vector<int64_t>& sizes);
 
 /// Patch grid of an image: img_size[i] / patch_size[i] per axis. Both lists have 2 or 3 entries.
 std::vector<int64_t> patch_grid(const std::vector<int64_t>& img_size, const std::vector<int64_t>& patch_size);
