@@ -1,0 +1,50 @@
+// Shared helpers of the infer tests: a temporary folder, a synthetic anisotropic volume with a
+// non-identity direction, a tiny trained checkpoint, and a check on error messages.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <initializer_list>
+#include <string>
+
+#include "io/volume.h"
+
+namespace mae::test {
+
+/// A fresh folder under the system temp folder, removed with its contents on destruction.
+struct TempDir {
+  std::filesystem::path path;  ///< the folder
+  TempDir();
+  ~TempDir();
+  /// path / name as a string.
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+/// A smooth synthetic volume (1, d, h, w) with spacing (1, 1.5, 2) mm, an oblique-free but permuted
+/// and flipped direction (orientation "PRS") and a non-zero origin.
+Volume synthetic_volume(int64_t d, int64_t h, int64_t w, uint64_t seed = 7);
+
+/// The config (JSON) of a tiny model (img 16³, patch 4, width 24, one layer each) on `volume_path`,
+/// running in `dir` (run folder dir/run, cache dir/cache).
+std::string tiny_config_json(const std::string& volume_path, const std::string& dir, bool norm_pix = false);
+
+/// Trains the tiny model for 3 steps on `volume_path`; returns the run folder.
+std::string train_tiny(const std::string& volume_path, const std::string& dir);
+
+/// Runs `fn`, expects an exception of type E whose one-line message contains every one of `needles`.
+template <typename E, typename Fn>
+void expect_error(Fn&& fn, std::initializer_list<std::string> needles) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an exception";
+  } catch (const E& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.find('\n'), std::string::npos) << "message is not one line: " << what;
+    for (const auto& needle : needles) {
+      EXPECT_NE(what.find(needle), std::string::npos) << "'" << needle << "' not in: " << what;
+    }
+  }
+}
+
+}  // namespace mae::test
