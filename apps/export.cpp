@@ -1,0 +1,59 @@
+// mae-export: hands a pretrained encoder to segmentation code. Either writes the weights under
+// MONAI's ViT / UNETR / MaskedAutoEncoderViT names (FILE.pt + FILE.json), or encodes a whole volume
+// with the encoder (--features). Thin: parse the command line, call one library function.
+#include <chrono>
+#include <iostream>
+
+#include "cli.h"
+#include "core/error.h"
+#include "export/features.h"
+#include "export/monai_export.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"mae-export: export a pretrained mae3d encoder for MONAI (ViT, UNETR, MaskedAutoEncoderViT), "
+               "or encode a volume with it"};
+  app.name("mae-export");
+  std::string checkpoint, out, format, features;
+  bool cross_attention_keys = true;
+  double overlap = 0.25;
+  mae::CommonFlags common;
+  app.add_option("--checkpoint", checkpoint, "checkpoint folder, or a run folder (its latest checkpoint)")
+      ->required();
+  app.add_option("--out", out, "file to write (FILE.pt; the description goes to FILE.json)")->required();
+  auto* format_opt =
+      app.add_option("--format", format, "monai-vit | monai-unetr | monai-mae: the MONAI network to load into");
+  auto* cross_opt = app.add_option("--cross-attention-keys", cross_attention_keys,
+                                   "true|false: add the unused cross-attention keys MONAI >= 1.4 expects "
+                                   "(default true)");
+  auto* features_opt =
+      app.add_option("--features", features, "encode this volume (file or DICOM folder) instead of exporting weights");
+  auto* overlap_opt =
+      app.add_option("--overlap", overlap, "with --features: least overlap of neighbouring windows, in [0, 1)");
+  features_opt->excludes(format_opt)->excludes(cross_opt);
+  overlap_opt->needs(features_opt);
+  mae::add_common_flags(app, common);
+
+  return mae::run_program(app, argc, argv, [&] {
+    mae::apply_common_flags(common);
+    const auto start = std::chrono::steady_clock::now();
+    auto seconds = [&] {
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    };
+    if (!features.empty() || features_opt->count() > 0) {
+      const auto r = mae::export_features(checkpoint, features, out, overlap);
+      std::cout << "wrote " << r.pt_path << " (" << r.num_windows << " windows) and " << r.json_path << " in "
+                << seconds() << " s" << std::endl;
+      return 0;
+    }
+    if (format_opt->count() == 0) {
+      throw mae::ConfigError("give --format monai-vit|monai-unetr|monai-mae, or --features VOLUME");
+    }
+    mae::ExportOptions options;
+    options.format = mae::parse_export_format(format);
+    options.cross_attention_keys = cross_attention_keys;
+    const auto r = mae::export_checkpoint(checkpoint, out, options);
+    std::cout << "wrote " << r.pt_path << " (" << r.num_tensors << " tensors, " << r.num_values << " values) and "
+              << r.json_path << " in " << seconds() << " s" << std::endl;
+    return 0;
+  });
+}

@@ -1,0 +1,394 @@
+#include "export/monai_export.h"
+
+#include <ATen/ATen.h>
+#include <torch/version.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "core/error.h"
+#include "train/config.h"
+
+namespace fs = std::filesystem;
+
+namespace mae {
+
+namespace {
+
+std::string py_bool(bool b) { return b ? "True" : "False"; }
+
+std::string py_tuple(const std::vector<int64_t>& v) {
+  std::string s = "(";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + (v.size() == 1 ? ",)" : ")");
+}
+
+std::string py_float(double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", x);
+  std::string s = buf;
+  // Shortest form that reads back exactly, without an exponent for ordinary magnitudes (250, not 2.5e+02).
+  const bool plain = x == 0.0 || (std::abs(x) >= 1e-4 && std::abs(x) < 1e15);
+  for (int precision = 1; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof buf, "%.*g", precision, x);
+    if (std::strtod(buf, nullptr) == x && (!plain || std::strchr(buf, 'e') == nullptr)) {
+      s = buf;
+      break;
+    }
+  }
+  if (s.find_first_of(".eEn") == std::string::npos) s += ".0";
+  return s;
+}
+
+std::string py_str(const std::string& s) { return nlohmann::json(s).dump(); }
+
+// Adds MONAI >= 1.4's unused cross-attention layers of one block of width `width`.
+void add_cross_attention(NamedTensors& out, const std::string& prefix, int64_t width, bool qkv_bias) {
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  out.emplace_back(prefix + "norm_cross_attn.weight", at::ones({width}, opts));
+  out.emplace_back(prefix + "norm_cross_attn.bias", at::zeros({width}, opts));
+  out.emplace_back(prefix + "cross_attn.out_proj.weight", at::zeros({width, width}, opts));
+  out.emplace_back(prefix + "cross_attn.out_proj.bias", at::zeros({width}, opts));
+  for (const char* name : {"to_q", "to_k", "to_v"}) {
+    out.emplace_back(prefix + "cross_attn." + name + ".weight", at::zeros({width, width}, opts));
+    if (qkv_bias) out.emplace_back(prefix + "cross_attn." + name + ".bias", at::zeros({width}, opts));
+  }
+}
+
+const char* network_name(ExportFormat format) {
+  switch (format) {
+    case ExportFormat::monai_vit: return "ViT";
+    case ExportFormat::monai_unetr: return "UNETR";
+    case ExportFormat::monai_mae: return "MaskedAutoEncoderViT";
+  }
+  return "?";
+}
+
+std::string load_snippet(ExportFormat format, const MaskedAutoencoderOptions& o, bool cross, const std::string& path) {
+  std::ostringstream s;
+  s << "import torch\n"
+    << "from monai.networks.nets import " << network_name(format) << "\n\n";
+  if (format == ExportFormat::monai_unetr) s << "num_classes = 2  # your number of output classes\n";
+  s << "net = " << monai_constructor(o, format) << "\n"
+    << "sd = torch.load(" << py_str(path) << ", map_location=\"cpu\")\n";
+  if (format == ExportFormat::monai_unetr) {
+    s << "missing, unexpected = net.load_state_dict(sd, strict=False)  # only vit.* is pretrained\n"
+      << "assert not unexpected, unexpected\n"
+      << "assert not [k for k in missing if k.startswith(\"vit.\")" << (cross ? "" : " and \"cross_attn\" not in k")
+      << "], missing\n";
+  } else if (cross) {
+    s << "net.load_state_dict(sd, strict=True)  # MONAI >= 1.4; on 1.3 drop the cross_attn keys first\n";
+  } else {
+    s << "missing, unexpected = net.load_state_dict(sd, strict=False)  # MONAI >= 1.4 also has unused cross_attn "
+         "layers\n"
+      << "assert not unexpected and all(\"cross_attn\" in k for k in missing), (missing, unexpected)\n";
+  }
+  if (format == ExportFormat::monai_vit) {
+    s << "# x: (B, " << o.in_channels() << ", D, H, W) in mae3d's axis order, preprocessed as \"preprocessing\" says\n"
+      << "tokens, hidden_states = net(x)  # tokens: (B, " << o.num_patches() << ", " << o.hidden_size()
+      << ") after the final norm\n";
+  }
+  return s.str();
+}
+
+}  // namespace
+
+const char* to_string(ExportFormat format) {
+  switch (format) {
+    case ExportFormat::monai_vit: return "monai-vit";
+    case ExportFormat::monai_unetr: return "monai-unetr";
+    case ExportFormat::monai_mae: return "monai-mae";
+  }
+  return "?";
+}
+
+ExportFormat parse_export_format(const std::string& name) {
+  for (auto f : {ExportFormat::monai_vit, ExportFormat::monai_unetr, ExportFormat::monai_mae}) {
+    if (name == to_string(f)) return f;
+  }
+  throw ConfigError("--format \"" + name + "\" is not known; choose monai-vit, monai-unetr or monai-mae");
+}
+
+void check_unetr_compatible(const MaskedAutoencoderOptions& o) {
+  std::vector<std::string> problems;
+  if (o.spatial_dims() != 3) problems.push_back("a " + std::to_string(o.spatial_dims()) + "D model");
+  if (o.num_layers() != 12) problems.push_back("num_layers = " + std::to_string(o.num_layers()));
+  bool patch16 = true;
+  for (int64_t p : o.patch_size()) patch16 = patch16 && p == 16;
+  if (!patch16) problems.push_back("patch_size = " + py_tuple(o.patch_size()));
+  if (problems.empty()) return;
+  std::string what;
+  for (size_t i = 0; i < problems.size(); ++i) what += (i ? ", " : "") + problems[i];
+  throw ConfigError("--format monai-unetr: MONAI's UNETR fixes a 3D ViT with 12 layers and patch size 16, but this "
+                    "checkpoint has " + what + "; export with --format monai-vit and build the segmentation network "
+                    "around that ViT instead");
+}
+
+NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions& export_options) {
+  const auto& o = model.options();
+  const ExportFormat format = export_options.format;
+  if (format == ExportFormat::monai_unetr) check_unetr_compatible(o);
+  const bool full = format == ExportFormat::monai_mae;
+  const bool cross = export_options.cross_attention_keys;
+  const std::string prefix = format == ExportFormat::monai_unetr ? "vit." : "";
+
+  std::map<std::string, at::Tensor> source;
+  for (const auto& item : model.named_parameters(/*recurse=*/true)) source[item.key()] = item.value();
+  for (const auto& item : model.named_buffers(/*recurse=*/true)) source[item.key()] = item.value();
+  std::set<std::string> used;
+  NamedTensors out;
+  auto take = [&](const std::string& from, const std::string& to) {
+    auto it = source.find(from);
+    if (it == source.end()) throw Error("export: the model has no parameter \"" + from + "\" (model/export mismatch)");
+    used.insert(from);
+    out.emplace_back(to, it->second.detach().to(at::kCPU, at::kFloat).clone(at::MemoryFormat::Contiguous));
+  };
+  // MONAI's TransformerBlock state_dict order: mlp, norm1, attn (out_proj before qkv), norm2,
+  // norm_cross_attn, cross_attn.
+  auto block = [&](const std::string& from, const std::string& to, int64_t width) {
+    for (const char* name : {"mlp.linear1.weight", "mlp.linear1.bias", "mlp.linear2.weight", "mlp.linear2.bias",
+                             "norm1.weight", "norm1.bias", "attn.out_proj.weight", "attn.out_proj.bias",
+                             "attn.qkv.weight"}) {
+      take(from + name, to + name);
+    }
+    if (o.qkv_bias()) take(from + "attn.qkv.bias", to + "attn.qkv.bias");
+    take(from + "norm2.weight", to + "norm2.weight");
+    take(from + "norm2.bias", to + "norm2.bias");
+    if (cross) add_cross_attention(out, to, width, o.qkv_bias());
+  };
+
+  // MaskedAutoEncoderViT's own parameters come first in its state_dict.
+  if (full) {
+    take("cls_token", "cls_token");
+    take("mask_tokens", "mask_tokens");
+    take("decoder_pos_embedding", "decoder_pos_embedding");
+  }
+  take("patch_embedding.position_embeddings", prefix + "patch_embedding.position_embeddings");
+  const std::string proj =
+      o.proj_type() == "conv" ? "patch_embedding.patch_embeddings." : "patch_embedding.patch_embeddings.1.";
+  take(proj + "weight", prefix + proj + "weight");
+  take(proj + "bias", prefix + proj + "bias");
+  const int64_t L = o.num_layers();
+  for (int64_t i = 0; i < L; ++i) {
+    block("blocks." + std::to_string(i) + ".", prefix + "blocks." + std::to_string(i) + ".", o.hidden_size());
+  }
+  take("blocks." + std::to_string(L) + ".weight", prefix + "norm.weight");
+  take("blocks." + std::to_string(L) + ".bias", prefix + "norm.bias");
+  if (full) {
+    take("decoder_embed.weight", "decoder_embed.weight");
+    take("decoder_embed.bias", "decoder_embed.bias");
+    const int64_t Ld = o.decoder_num_layers();
+    for (int64_t j = 0; j < Ld; ++j) {
+      block("decoder_blocks." + std::to_string(j) + ".", "decoder_blocks." + std::to_string(j) + ".",
+            o.decoder_hidden_size());
+    }
+    take("decoder_blocks." + std::to_string(Ld) + ".weight", "decoder_norm.weight");
+    take("decoder_blocks." + std::to_string(Ld) + ".bias", "decoder_norm.bias");
+    take("decoder_pred.weight", "decoder_pred.weight");
+    take("decoder_pred.bias", "decoder_pred.bias");
+  }
+
+  // Everything left must be something the encoder-only formats drop on purpose.
+  for (const auto& [name, tensor] : source) {
+    if (used.count(name)) continue;
+    const bool dropped = !full && (name == "cls_token" || name == "mask_tokens" || name.rfind("decoder_", 0) == 0);
+    if (!dropped) throw Error("export: the model parameter \"" + name + "\" has no MONAI name (model/export mismatch)");
+  }
+  return out;
+}
+
+std::string monai_constructor(const MaskedAutoencoderOptions& o, ExportFormat format) {
+  std::ostringstream s;
+  const std::string common_tail = "dropout_rate=" + py_float(o.dropout_rate()) +
+                                  ", spatial_dims=" + std::to_string(o.spatial_dims()) +
+                                  ", qkv_bias=" + py_bool(o.qkv_bias()) + ")";
+  switch (format) {
+    case ExportFormat::monai_vit:
+      s << "ViT(in_channels=" << o.in_channels() << ", img_size=" << py_tuple(o.img_size())
+        << ", patch_size=" << py_tuple(o.patch_size()) << ", hidden_size=" << o.hidden_size()
+        << ", mlp_dim=" << o.mlp_dim() << ", num_layers=" << o.num_layers() << ", num_heads=" << o.num_heads()
+        << ", proj_type=" << py_str(o.proj_type()) << ", pos_embed_type=" << py_str(o.pos_embed_type())
+        << ", classification=False, " << common_tail;
+      break;
+    case ExportFormat::monai_unetr:
+      s << "UNETR(in_channels=" << o.in_channels() << ", out_channels=num_classes, img_size="
+        << py_tuple(o.img_size()) << ", feature_size=16, hidden_size=" << o.hidden_size()
+        << ", mlp_dim=" << o.mlp_dim() << ", num_heads=" << o.num_heads() << ", proj_type=" << py_str(o.proj_type())
+        << ", norm_name=\"instance\", conv_block=True, res_block=True, " << common_tail;
+      break;
+    case ExportFormat::monai_mae:
+      s << "MaskedAutoEncoderViT(in_channels=" << o.in_channels() << ", img_size=" << py_tuple(o.img_size())
+        << ", patch_size=" << py_tuple(o.patch_size()) << ", hidden_size=" << o.hidden_size()
+        << ", mlp_dim=" << o.mlp_dim() << ", num_layers=" << o.num_layers() << ", num_heads=" << o.num_heads()
+        << ", masking_ratio=" << py_float(o.masking_ratio()) << ", decoder_hidden_size=" << o.decoder_hidden_size()
+        << ", decoder_mlp_dim=" << o.decoder_mlp_dim() << ", decoder_num_layers=" << o.decoder_num_layers()
+        << ", decoder_num_heads=" << o.decoder_num_heads() << ", proj_type=" << py_str(o.proj_type())
+        << ", pos_embed_type=" << py_str(o.pos_embed_type())
+        << ", decoder_pos_embed_type=" << py_str(o.decoder_pos_embed_type()) << ", " << common_tail;
+      break;
+  }
+  return s.str();
+}
+
+nlohmann::json preprocessing_description(const Config& config) {
+  const auto data = config_to_json(config)["data"];
+  const auto& d = config.data;
+  nlohmann::json p;
+  p["orientation"] = d.orientation;
+  p["spacing_mm"] = data["spacing_mm"];
+  p["intensity"] = data["intensity"];
+  p["foreground_threshold"] = data["foreground_threshold"];
+  p["time_point"] = d.time_point;
+  p["fourth_axis_as_channels"] = d.fourth_axis_as_channels;
+  p["input_size"] = config.model.img_size;
+  p["rounding"] = "voxels rounded to float16 precision after preprocessing (as the training cache stores them)";
+  p["axis_order"] =
+      "network input (B, C, D, H, W): D is the slowest image index (NIfTI k, ITK z), W the fastest (NIfTI i, "
+      "ITK x); orientation codes use the nibabel/MONAI convention (letter = direction the index increases "
+      "towards). MONAI's LoadImage gives (C, i, j, k): reverse the spatial axes before the network.";
+  // An approximate MONAI pipeline; mae3d's own preprocessing (mae-export --features) is the reference.
+  std::vector<std::string> t{"LoadImaged(keys=\"image\", ensure_channel_first=True)"};
+  if (!d.orientation.empty()) t.push_back("Orientationd(keys=\"image\", axcodes=" + py_str(d.orientation) + ")");
+  if (d.spacing_mm) {
+    const auto& s = *d.spacing_mm;
+    t.push_back("Spacingd(keys=\"image\", pixdim=(" + py_float(s[0]) + ", " + py_float(s[1]) + ", " +
+                py_float(s[2]) + "), mode=\"bilinear\")");
+  }
+  const auto& in = d.intensity;
+  if (in.mode == "ct_window") {
+    t.push_back("ScaleIntensityRanged(keys=\"image\", a_min=" + py_float(in.a_min) + ", a_max=" + py_float(in.a_max) +
+                ", b_min=" + py_float(in.b_min) + ", b_max=" + py_float(in.b_max) + ", clip=" + py_bool(in.clip) + ")");
+  } else if (in.mode == "zscore_nonzero") {
+    t.push_back("NormalizeIntensityd(keys=\"image\", nonzero=True, channel_wise=True)");
+  } else if (in.mode == "percentile") {
+    t.push_back("ScaleIntensityRangePercentilesd(keys=\"image\", lower=" + py_float(in.lower_percentile) +
+                ", upper=" + py_float(in.upper_percentile) + ", b_min=" + py_float(in.b_min) +
+                ", b_max=" + py_float(in.b_max) + ", clip=" + py_bool(in.clip) + ", channel_wise=True)");
+  }
+  if (d.foreground_threshold) {
+    t.push_back("CropForegroundd(keys=\"image\", source_key=\"image\", select_fn=lambda x: x > " +
+                py_float(*d.foreground_threshold) + ")");
+  }
+  t.push_back("Transposed(keys=\"image\", indices=(0, 3, 2, 1))  # (C, i, j, k) -> (C, D, H, W)");
+  p["monai_transforms_approximate"] = t;
+  return p;
+}
+
+nlohmann::json export_description(const TrainedModel& trained, const ExportOptions& export_options,
+                                  const NamedTensors& tensors, const std::string& pt_path) {
+  const auto o = trained.model->options();
+  const ExportFormat format = export_options.format;
+  const bool cross = export_options.cross_attention_keys;
+  const std::string abs_path = fs::absolute(pt_path).lexically_normal().string();
+  nlohmann::json j;
+  j["format"] = to_string(format);
+  j["file"] = abs_path;
+  j["created_by"] = std::string("mae-export (mae3d ") + MAE3D_VERSION + ", LibTorch " + TORCH_VERSION + ")";
+  j["checkpoint"] = {{"path", fs::absolute(trained.dir).lexically_normal().string()}, {"step", trained.step}};
+
+  nlohmann::json a;
+  a["spatial_dims"] = o.spatial_dims();
+  a["in_channels"] = o.in_channels();
+  a["img_size"] = o.img_size();
+  a["patch_size"] = o.patch_size();
+  a["grid"] = o.grid();
+  a["num_patches"] = o.num_patches();
+  a["hidden_size"] = o.hidden_size();
+  a["mlp_dim"] = o.mlp_dim();
+  a["num_layers"] = o.num_layers();
+  a["num_heads"] = o.num_heads();
+  a["proj_type"] = o.proj_type();
+  a["pos_embed_type"] = o.pos_embed_type();
+  a["qkv_bias"] = o.qkv_bias();
+  a["dropout_rate"] = o.dropout_rate();
+  a["norm"] = "pre-norm LayerNorm, eps 1e-5; exact (erf) GELU; fused qkv split as (3, heads, head_dim)";
+  if (format == ExportFormat::monai_mae) {
+    a["masking_ratio"] = o.masking_ratio();
+    a["decoder_hidden_size"] = o.decoder_hidden_size();
+    a["decoder_mlp_dim"] = o.decoder_mlp_dim();
+    a["decoder_num_layers"] = o.decoder_num_layers();
+    a["decoder_num_heads"] = o.decoder_num_heads();
+    a["decoder_pos_embed_type"] = o.decoder_pos_embed_type();
+  }
+  j["architecture"] = a;
+  j["preprocessing"] = preprocessing_description(trained.config);
+
+  int64_t values = 0;
+  nlohmann::json list = nlohmann::json::array();
+  for (const auto& [name, t] : tensors) {
+    values += t.numel();
+    list.push_back({{"name", name}, {"shape", t.sizes().vec()}});
+  }
+  j["num_tensors"] = tensors.size();
+  j["num_values"] = values;
+  j["dtype"] = "float32";
+
+  nlohmann::json m;
+  m["network"] = std::string("monai.networks.nets.") + network_name(format);
+  m["min_version"] = cross ? "1.4" : "1.3";
+  m["constructor"] = monai_constructor(o, format);
+  m["strict"] = format != ExportFormat::monai_unetr && cross;
+  m["load"] = load_snippet(format, o, cross, abs_path);
+  j["monai"] = m;
+
+  std::vector<std::string> notes;
+  if (o.pos_embed_type() == "sincos") {
+    notes.push_back("patch_embedding.position_embeddings holds the fixed sin-cos table the encoder was trained with "
+                    "(MONAI builds the same table for pos_embed_type=\"sincos\"; loading overwrites it either way).");
+  } else {
+    notes.push_back("patch_embedding.position_embeddings holds the encoder's \"" + o.pos_embed_type() +
+                    "\" position table as trained (zeros for \"none\").");
+  }
+  if (format == ExportFormat::monai_unetr) {
+    notes.push_back("UNETR builds its ViT with pos_embed_type=\"learnable\": the loaded positions become trainable "
+                    "during fine-tuning. Only vit.* is pretrained; encoder1-4, decoder2-5 and out start fresh.");
+  }
+  if (format != ExportFormat::monai_mae) {
+    notes.push_back("cls_token, mask_tokens and the decoder are not exported; blocks." +
+                    std::to_string(o.num_layers()) + " (the encoder's final LayerNorm) is exported as norm.");
+  } else {
+    notes.push_back("The encoder's and decoder's final LayerNorms (mae3d blocks." + std::to_string(o.num_layers()) +
+                    ", decoder_blocks." + std::to_string(o.decoder_num_layers()) +
+                    ") are exported as norm and decoder_norm, MaskedAutoEncoderViT's names.");
+  }
+  j["cross_attention_keys"] = {
+      {"included", cross},
+      {"note",
+       cross ? "MONAI >= 1.4 builds an unused cross-attention layer in every TransformerBlock "
+               "(with_cross_attention=False), so strict loading expects norm_cross_attn.* and cross_attn.{out_proj,"
+               "to_q,to_k,to_v}.*; they are written as a fresh LayerNorm (weight 1, bias 0) and zero Linear "
+               "weights/biases (to_q/to_k/to_v biases only with qkv_bias). The forward pass never uses them. If you "
+               "enable cross-attention, re-initialise them: an all-zero branch gets no gradient. MONAI 1.3 has no such "
+               "layers: export with --cross-attention-keys false there."
+             : "Not included: loads strictly into MONAI 1.3; on MONAI >= 1.4 load with strict=False (only "
+               "cross_attn/norm_cross_attn keys are then missing, and unused)."}};
+  notes.push_back("No buffers: MONAI's attention blocks register causal_mask only for causal=True.");
+  j["notes"] = notes;
+  j["tensors"] = list;
+  return j;
+}
+
+ExportResult export_checkpoint(const std::string& checkpoint, const std::string& out_path,
+                               const ExportOptions& export_options) {
+  TrainedModel trained = load_trained_model(checkpoint);
+  if (export_options.format == ExportFormat::monai_unetr) check_unetr_compatible(trained.model->options());
+  check_output_folder(out_path, "--out");
+  const NamedTensors tensors = monai_state_dict(*trained.model, export_options);
+  ExportResult result;
+  result.pt_path = out_path;
+  result.json_path = description_path(out_path);
+  const auto description = export_description(trained, export_options, tensors, out_path);
+  save_tensor_dict(tensors, result.pt_path);
+  write_json_file(description, result.json_path);
+  result.num_tensors = static_cast<int64_t>(tensors.size());
+  result.num_values = description["num_values"].get<int64_t>();
+  return result;
+}
+
+}  // namespace mae

@@ -1,0 +1,92 @@
+// Hands a pretrained encoder (or the whole masked autoencoder) to MONAI: the weights renamed to the
+// state-dict keys of MONAI's ViT, UNETR (`vit.` prefix) or MaskedAutoEncoderViT, written as a plain
+// dict[str, Tensor] that `torch.load` reads, plus a JSON description with the architecture, the
+// preprocessing the encoder was trained on and the exact MONAI constructor call that loads it.
+//
+// Key conventions (MONAI >= 1.4, checked against monai/networks/{nets,blocks} sources):
+//   - encoder blocks keep their names (`blocks.{i}.norm1|attn.qkv|attn.out_proj|norm2|mlp.linear1|2`);
+//     mae3d's encoder final norm `blocks.{L}` becomes `norm`, its decoder final norm
+//     `decoder_blocks.{Ld}` becomes `decoder_norm` (MaskedAutoEncoderViT holds them as separate
+//     LayerNorms, not as the last entry of the block list);
+//   - ViT/UNETR exports drop `cls_token` (ViT with classification=False has none), `mask_tokens`
+//     and every `decoder_*` key;
+//   - keys come in the order MONAI's own state_dict() lists them.
+//
+// Cross-attention keys: since MONAI 1.4 every TransformerBlock builds `norm_cross_attn` and
+// `cross_attn` (to_q, to_k, to_v, out_proj) even when with_cross_attention=False (the default in
+// ViT, UNETR and MaskedAutoEncoderViT), so strict loading expects them. The export adds them (on by
+// default) with LayerNorm weight 1, bias 0 (as a freshly built nn.LayerNorm) and zero Linear
+// weights and biases; to_q/to_k/to_v carry a bias only when qkv_bias is set (MONAI passes qkv_bias
+// to the CrossAttentionBlock). They never reach the forward pass. Whoever turns cross-attention on
+// must re-initialise them: an all-zero q/k/v/out_proj branch passes no gradient to its weights.
+// MONAI registers no buffers in these blocks (causal_mask only exists for causal=True), so there
+// are no other keys to add. MONAI 1.3 builds no cross-attention: export with the keys off.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <string>
+
+#include "export/tensor_file.h"
+#include "model/mae.h"
+#include "train/trained_model.h"
+
+namespace mae {
+
+/// Which MONAI network the export is for.
+enum class ExportFormat {
+  monai_vit,    ///< monai.networks.nets.ViT (classification=False): encoder only
+  monai_unetr,  ///< monai.networks.nets.UNETR: the encoder under `vit.` (the rest stays untrained)
+  monai_mae,    ///< monai.networks.nets.MaskedAutoEncoderViT: encoder and decoder
+};
+
+/// "monai-vit", "monai-unetr" or "monai-mae".
+const char* to_string(ExportFormat format);
+
+/// Parses a --format value; ConfigError naming the flag and the choices for anything else.
+ExportFormat parse_export_format(const std::string& name);
+
+/// What to export.
+struct ExportOptions {
+  ExportFormat format = ExportFormat::monai_vit;  ///< target network
+  bool cross_attention_keys = true;               ///< add MONAI >= 1.4's unused cross-attention keys
+};
+
+/// Throws ConfigError (naming --format monai-unetr and what differs) unless the model fits MONAI's
+/// UNETR: 3D, exactly 12 encoder layers and patch size 16 on every axis.
+void check_unetr_compatible(const MaskedAutoencoderOptions& options);
+
+/// The model's weights under MONAI's names for `export_options.format`, in MONAI's state_dict
+/// order; tensors are float32 CPU copies. Throws ConfigError for an UNETR-incompatible model, and
+/// Error when the model holds a parameter the mapping does not know (so nothing is lost silently).
+NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions& export_options);
+
+/// The Python constructor call of the MONAI network matching `options` for `format`, e.g.
+/// `ViT(in_channels=1, img_size=(96, 96, 96), patch_size=(16, 16, 16), ...)`.
+std::string monai_constructor(const MaskedAutoencoderOptions& options, ExportFormat format);
+
+/// The JSON description of an export of `trained` into `pt_path` holding `tensors`: format,
+/// checkpoint, architecture, preprocessing, tensor names and shapes, MONAI constructor and loading
+/// snippet, notes on positions, axis order and cross-attention keys.
+nlohmann::json export_description(const TrainedModel& trained, const ExportOptions& export_options,
+                                  const NamedTensors& tensors, const std::string& pt_path);
+
+/// The training preprocessing of `config` as JSON (orientation, spacing, intensity, foreground
+/// crop, model input size, tensor axis order), for the descriptions next to exported files.
+nlohmann::json preprocessing_description(const Config& config);
+
+/// Where an export went.
+struct ExportResult {
+  std::string pt_path;     ///< the tensor file
+  std::string json_path;   ///< the description beside it
+  int64_t num_tensors = 0; ///< keys in the tensor file
+  int64_t num_values = 0;  ///< scalars over all tensors
+};
+
+/// Loads the checkpoint (folder or run folder) with its own config, exports it to `out_path` and
+/// writes the description beside it. CheckpointError for a bad checkpoint, ConfigError for an
+/// impossible format, IoError naming the file when it cannot be written.
+ExportResult export_checkpoint(const std::string& checkpoint, const std::string& out_path,
+                               const ExportOptions& export_options);
+
+}  // namespace mae

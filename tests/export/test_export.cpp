@@ -1,0 +1,544 @@
+// Tests of lib/export: the MONAI key lists (names, shapes, order, counts) of every format for a small
+// model and ViT-B 96^3, the cross-attention keys, UNETR refusals, the tensor file round trip, the
+// JSON description, encoder features (tokens equal encode() of each window) and the error cases.
+// The expected key lists are written out here from MONAI's module structure, not from the export.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
+
+#include "core/error.h"
+#include "export/features.h"
+#include "export/monai_export.h"
+#include "export/tensor_file.h"
+#include "io/io.h"
+#include "train/checkpoint.h"
+#include "train/config.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+using Shape = std::vector<int64_t>;
+using KeyList = std::vector<std::pair<std::string, Shape>>;
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    static std::atomic<int> counter{0};
+    path = fs::temp_directory_path() / ("mae3d_export_test_" + std::to_string(::getpid()) + "_" +
+                                        std::to_string(counter++));
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+class Export : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    at::set_num_threads(2);
+    torch::manual_seed(0);
+  }
+};
+
+mae::Config small_config() {
+  mae::Config c;
+  c.data.dataset = "unused.json";
+  c.data.orientation = "";
+  c.model.img_size = {32, 32, 32};
+  c.model.patch_size = {8, 8, 8};
+  c.model.hidden_size = 48;
+  c.model.mlp_dim = 96;
+  c.model.num_layers = 2;
+  c.model.num_heads = 4;
+  c.model.decoder_hidden_size = 24;
+  c.model.decoder_mlp_dim = 40;
+  c.model.decoder_num_layers = 1;
+  c.model.decoder_num_heads = 4;
+  return c;
+}
+
+mae::Config vitb_config() {
+  mae::Config c;  // the defaults are ViT-B 96^3, patch 16, decoder 384/512/4/12
+  c.data.dataset = "unused.json";
+  return c;
+}
+
+mae::MaskedAutoencoder build(const mae::Config& c) {
+  auto m = mae::MaskedAutoencoder(mae::model_options_from(c.model));
+  m->eval();
+  return m;
+}
+
+// One MONAI TransformerBlock as its state_dict lists it.
+void add_block(KeyList& k, const std::string& p, int64_t e, int64_t mlp, bool qkv_bias, bool cross) {
+  k.push_back({p + "mlp.linear1.weight", {mlp, e}});
+  k.push_back({p + "mlp.linear1.bias", {mlp}});
+  k.push_back({p + "mlp.linear2.weight", {e, mlp}});
+  k.push_back({p + "mlp.linear2.bias", {e}});
+  k.push_back({p + "norm1.weight", {e}});
+  k.push_back({p + "norm1.bias", {e}});
+  k.push_back({p + "attn.out_proj.weight", {e, e}});
+  k.push_back({p + "attn.out_proj.bias", {e}});
+  k.push_back({p + "attn.qkv.weight", {3 * e, e}});
+  if (qkv_bias) k.push_back({p + "attn.qkv.bias", {3 * e}});
+  k.push_back({p + "norm2.weight", {e}});
+  k.push_back({p + "norm2.bias", {e}});
+  if (!cross) return;
+  k.push_back({p + "norm_cross_attn.weight", {e}});
+  k.push_back({p + "norm_cross_attn.bias", {e}});
+  k.push_back({p + "cross_attn.out_proj.weight", {e, e}});
+  k.push_back({p + "cross_attn.out_proj.bias", {e}});
+  for (const char* n : {"to_q", "to_k", "to_v"}) {
+    k.push_back({p + "cross_attn." + n + ".weight", {e, e}});
+    if (qkv_bias) k.push_back({p + "cross_attn." + n + ".bias", {e}});
+  }
+}
+
+// MONAI's ViT (prefix "") / UNETR (prefix "vit.") / MaskedAutoEncoderViT state_dict for a 3D model.
+KeyList expected_keys(const mae::ModelConfig& m, mae::ExportFormat f, bool cross) {
+  KeyList k;
+  const std::string pre = f == mae::ExportFormat::monai_unetr ? "vit." : "";
+  const bool full = f == mae::ExportFormat::monai_mae;
+  const auto& img = m.img_size;
+  const auto& pt = m.patch_size;
+  const int64_t n = (img[0] / pt[0]) * (img[1] / pt[1]) * (img[2] / pt[2]);
+  const int64_t e = m.hidden_size, ed = m.decoder_hidden_size;
+  const int64_t pdim = m.in_channels * pt[0] * pt[1] * pt[2];
+  if (full) {
+    k.push_back({"cls_token", {1, 1, e}});
+    k.push_back({"mask_tokens", {1, 1, ed}});
+    k.push_back({"decoder_pos_embedding", {1, n, ed}});
+  }
+  k.push_back({pre + "patch_embedding.position_embeddings", {1, n, e}});
+  if (m.proj_type == "conv") {
+    k.push_back({pre + "patch_embedding.patch_embeddings.weight", {e, m.in_channels, pt[0], pt[1], pt[2]}});
+    k.push_back({pre + "patch_embedding.patch_embeddings.bias", {e}});
+  } else {
+    k.push_back({pre + "patch_embedding.patch_embeddings.1.weight", {e, pdim}});
+    k.push_back({pre + "patch_embedding.patch_embeddings.1.bias", {e}});
+  }
+  for (int64_t i = 0; i < m.num_layers; ++i) {
+    add_block(k, pre + "blocks." + std::to_string(i) + ".", e, m.mlp_dim, m.qkv_bias, cross);
+  }
+  k.push_back({pre + "norm.weight", {e}});
+  k.push_back({pre + "norm.bias", {e}});
+  if (full) {
+    k.push_back({"decoder_embed.weight", {ed, e}});
+    k.push_back({"decoder_embed.bias", {ed}});
+    for (int64_t j = 0; j < m.decoder_num_layers; ++j) {
+      add_block(k, "decoder_blocks." + std::to_string(j) + ".", ed, m.decoder_mlp_dim, m.qkv_bias, cross);
+    }
+    k.push_back({"decoder_norm.weight", {ed}});
+    k.push_back({"decoder_norm.bias", {ed}});
+    k.push_back({"decoder_pred.weight", {pdim, ed}});
+    k.push_back({"decoder_pred.bias", {pdim}});
+  }
+  return k;
+}
+
+KeyList key_list(const mae::NamedTensors& t) {
+  KeyList k;
+  for (const auto& [name, tensor] : t) k.push_back({name, tensor.sizes().vec()});
+  return k;
+}
+
+void expect_same_keys(const KeyList& got, const KeyList& want) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].first, want[i].first) << "at " << i;
+    EXPECT_EQ(got[i].second, want[i].second) << got[i].first;
+  }
+}
+
+at::Tensor param(mae::MaskedAutoencoderImpl& m, const std::string& name) {
+  for (const auto& p : m.named_parameters()) {
+    if (p.key() == name) return p.value();
+  }
+  ADD_FAILURE() << "no parameter " << name;
+  return {};
+}
+
+at::Tensor entry(const mae::NamedTensors& t, const std::string& name) {
+  for (const auto& [n, v] : t) {
+    if (n == name) return v;
+  }
+  ADD_FAILURE() << "no key " << name;
+  return {};
+}
+
+std::string write_checkpoint(const std::string& run_dir, const mae::Config& c, mae::MaskedAutoencoder& model,
+                             int64_t step = 7) {
+  mae::CheckpointInfo info;
+  info.step = step;
+  info.config = mae::config_to_json(c);
+  info.trainer_state = {{"step", step}};
+  return mae::save_checkpoint(run_dir, info, *model, nullptr, {});
+}
+
+template <typename E>
+std::string message_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected an exception";
+  return "";
+}
+
+// --- formats and key lists -------------------------------------------------------------------
+
+TEST_F(Export, FormatNames) {
+  for (auto f : {mae::ExportFormat::monai_vit, mae::ExportFormat::monai_unetr, mae::ExportFormat::monai_mae}) {
+    EXPECT_EQ(mae::parse_export_format(mae::to_string(f)), f);
+  }
+  const auto msg = message_of<mae::ConfigError>([] { mae::parse_export_format("monai-swin"); });
+  EXPECT_NE(msg.find("--format"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("monai-swin"), std::string::npos) << msg;
+}
+
+TEST_F(Export, SmallKeyListsEveryFormat) {
+  const auto c = small_config();
+  auto model = build(c);
+  for (bool cross : {true, false}) {
+    for (auto f : {mae::ExportFormat::monai_vit, mae::ExportFormat::monai_mae}) {
+      SCOPED_TRACE(std::string(mae::to_string(f)) + (cross ? " +cross" : " -cross"));
+      const auto t = mae::monai_state_dict(*model, {f, cross});
+      expect_same_keys(key_list(t), expected_keys(c.model, f, cross));
+    }
+  }
+  // 3 + 2 blocks x (11 | 18) + 2; the MAE adds 3 tokens/tables, decoder_embed, 1 block, norm, pred.
+  EXPECT_EQ(mae::monai_state_dict(*model, {mae::ExportFormat::monai_vit, false}).size(), 3u + 2 * 11 + 2);
+  EXPECT_EQ(mae::monai_state_dict(*model, {mae::ExportFormat::monai_vit, true}).size(), 3u + 2 * 18 + 2);
+  EXPECT_EQ(mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, false}).size(),
+            3u + 3 + 2 * 11 + 2 + 2 + 11 + 2 + 2);
+  EXPECT_EQ(mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, true}).size(),
+            3u + 3 + 2 * 18 + 2 + 2 + 18 + 2 + 2);
+}
+
+TEST_F(Export, PerceptronAndQkvBiasKeys) {
+  auto c = small_config();
+  c.model.proj_type = "perceptron";
+  c.model.qkv_bias = true;
+  c.model.pos_embed_type = "learnable";
+  auto model = build(c);
+  for (bool cross : {true, false}) {
+    for (auto f : {mae::ExportFormat::monai_vit, mae::ExportFormat::monai_mae}) {
+      SCOPED_TRACE(std::string(mae::to_string(f)) + (cross ? " +cross" : " -cross"));
+      expect_same_keys(key_list(mae::monai_state_dict(*model, {f, cross})), expected_keys(c.model, f, cross));
+    }
+  }
+  const auto t = mae::monai_state_dict(*model, {mae::ExportFormat::monai_vit, true});
+  EXPECT_TRUE(entry(t, "blocks.1.attn.qkv.bias").equal(param(*model, "blocks.1.attn.qkv.bias")));
+  EXPECT_EQ(entry(t, "blocks.0.cross_attn.to_v.bias").sizes().vec(), Shape({48}));
+}
+
+TEST_F(Export, ValuesAreFreshFloatCopies) {
+  const auto c = small_config();
+  auto model = build(c);
+  const auto t = mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, true});
+  // Renamed final norms carry the model's values.
+  auto w = param(*model, "blocks.2.weight");
+  {
+    torch::NoGradGuard g;
+    w.uniform_(0.5, 1.5);
+    param(*model, "decoder_blocks.1.bias").uniform_(-1, 1);
+  }
+  const auto t2 = mae::monai_state_dict(*model, {mae::ExportFormat::monai_vit, true});
+  EXPECT_TRUE(entry(t2, "norm.weight").equal(w));
+  const auto t3 = mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, true});
+  EXPECT_TRUE(entry(t3, "decoder_norm.bias").equal(param(*model, "decoder_blocks.1.bias")));
+  EXPECT_TRUE(entry(t, "patch_embedding.position_embeddings")
+                  .equal(param(*model, "patch_embedding.position_embeddings")));
+  EXPECT_TRUE(entry(t, "decoder_pred.weight").equal(param(*model, "decoder_pred.weight")));
+  for (const auto& [name, v] : t) {
+    EXPECT_EQ(v.scalar_type(), at::kFloat) << name;
+    EXPECT_TRUE(v.is_contiguous()) << name;
+    EXPECT_FALSE(v.requires_grad()) << name;
+    for (const auto& p : model->named_parameters()) {
+      EXPECT_NE(v.data_ptr(), p.value().data_ptr()) << name << " shares storage with " << p.key();
+    }
+  }
+  // Cross-attention: a fresh LayerNorm and zero linears, in the decoder at its width.
+  EXPECT_TRUE(entry(t, "blocks.0.norm_cross_attn.weight").equal(at::ones({48})));
+  EXPECT_TRUE(entry(t, "blocks.0.norm_cross_attn.bias").equal(at::zeros({48})));
+  EXPECT_TRUE(entry(t, "blocks.1.cross_attn.to_k.weight").equal(at::zeros({48, 48})));
+  EXPECT_TRUE(entry(t, "decoder_blocks.0.cross_attn.out_proj.weight").equal(at::zeros({24, 24})));
+  EXPECT_TRUE(entry(t, "decoder_blocks.0.norm_cross_attn.weight").equal(at::ones({24})));
+}
+
+TEST_F(Export, VitBaseKeyLists) {
+  const auto c = vitb_config();
+  auto model = build(c);
+  for (bool cross : {true, false}) {
+    for (auto f : {mae::ExportFormat::monai_vit, mae::ExportFormat::monai_unetr, mae::ExportFormat::monai_mae}) {
+      SCOPED_TRACE(std::string(mae::to_string(f)) + (cross ? " +cross" : " -cross"));
+      const auto t = mae::monai_state_dict(*model, {f, cross});
+      expect_same_keys(key_list(t), expected_keys(c.model, f, cross));
+    }
+  }
+  const auto vit = mae::monai_state_dict(*model, {mae::ExportFormat::monai_vit, true});
+  const auto vit_plain = mae::monai_state_dict(*model, {mae::ExportFormat::monai_vit, false});
+  const auto unetr = mae::monai_state_dict(*model, {mae::ExportFormat::monai_unetr, true});
+  const auto full = mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, true});
+  const auto full_plain = mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, false});
+  EXPECT_EQ(vit.size(), 221u);
+  EXPECT_EQ(vit_plain.size(), 137u);
+  EXPECT_EQ(unetr.size(), 221u);
+  EXPECT_EQ(full.size(), 302u);
+  EXPECT_EQ(full_plain.size(), 190u);
+  for (const auto& [name, v] : unetr) EXPECT_EQ(name.rfind("vit.", 0), 0u) << name;
+  EXPECT_EQ(entry(vit, "patch_embedding.position_embeddings").sizes().vec(), Shape({1, 216, 768}));
+  EXPECT_EQ(entry(vit, "patch_embedding.patch_embeddings.weight").sizes().vec(), Shape({768, 1, 16, 16, 16}));
+  EXPECT_EQ(entry(full, "decoder_pred.weight").sizes().vec(), Shape({4096, 384}));
+  int64_t values = 0;
+  for (const auto& [name, v] : vit_plain) values += v.numel();
+  // conv 768*4096+768, positions 216*768, 12 blocks of 7,085,568, final norm 1536.
+  EXPECT_EQ(values, 768 * 4096 + 768 + 216 * 768 + 12 * int64_t{7085568} + 1536);
+}
+
+// --- UNETR ------------------------------------------------------------------------------------
+
+TEST_F(Export, UnetrRefusesWhatItCannotHold) {
+  auto six = vitb_config();
+  six.model.num_layers = 6;
+  auto msg = message_of<mae::ConfigError>(
+      [&] { mae::check_unetr_compatible(mae::model_options_from(six.model)); });
+  EXPECT_NE(msg.find("monai-unetr"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("num_layers = 6"), std::string::npos) << msg;
+
+  auto p8 = vitb_config();
+  p8.model.patch_size = {8, 8, 8};
+  msg = message_of<mae::ConfigError>([&] { mae::check_unetr_compatible(mae::model_options_from(p8.model)); });
+  EXPECT_NE(msg.find("patch_size = (8, 8, 8)"), std::string::npos) << msg;
+
+  auto two_d = small_config();
+  two_d.model.img_size = {64, 64};
+  two_d.model.patch_size = {16, 16};
+  two_d.model.num_layers = 12;
+  msg = message_of<mae::ConfigError>([&] { mae::check_unetr_compatible(mae::model_options_from(two_d.model)); });
+  EXPECT_NE(msg.find("2D"), std::string::npos) << msg;
+
+  auto small = build(small_config());
+  EXPECT_THROW(mae::monai_state_dict(*small, {mae::ExportFormat::monai_unetr, true}), mae::ConfigError);
+  EXPECT_NO_THROW(mae::check_unetr_compatible(mae::model_options_from(vitb_config().model)));
+}
+
+TEST_F(Export, UnetrRefusalWritesNothing) {
+  TempDir dir;
+  auto c = small_config();
+  auto model = build(c);
+  write_checkpoint(dir / "run", c, model);
+  EXPECT_THROW(mae::export_checkpoint(dir / "run", dir / "u.pt", {mae::ExportFormat::monai_unetr, true}),
+               mae::ConfigError);
+  EXPECT_FALSE(fs::exists(dir / "u.pt"));
+  EXPECT_FALSE(fs::exists(dir / "u.json"));
+}
+
+// --- files ------------------------------------------------------------------------------------
+
+TEST_F(Export, TensorFileRoundTrip) {
+  TempDir dir;
+  const mae::NamedTensors in{{"b", at::randn({2, 3})},
+                             {"a", at::arange(6, at::kLong).view({3, 2})},
+                             {"c", at::randn({4}, at::kDouble)},
+                             {"t", at::randn({3, 4}).t()}};
+  mae::save_tensor_dict(in, dir / "x.pt");
+  const auto out = mae::load_tensor_dict(dir / "x.pt");
+  ASSERT_EQ(out.size(), 4u);
+  EXPECT_EQ(out[0].first, "b");
+  EXPECT_EQ(out[1].first, "a");
+  EXPECT_TRUE(out[0].second.equal(in[0].second));
+  EXPECT_EQ(out[1].second.scalar_type(), at::kLong);
+  EXPECT_TRUE(out[1].second.equal(in[1].second));
+  EXPECT_EQ(out[2].second.scalar_type(), at::kFloat);
+  EXPECT_TRUE(out[3].second.equal(in[3].second));
+  EXPECT_TRUE(out[3].second.is_contiguous());
+  EXPECT_THROW(mae::save_tensor_dict({{"a", at::ones({1})}, {"a", at::ones({1})}}, dir / "y.pt"), mae::Error);
+  // A view is written with its own storage, and two entries never come back sharing one.
+  const auto big = at::randn({100, 10});
+  mae::save_tensor_dict({{"view", big.narrow(0, 10, 2)}, {"same1", big}, {"same2", big}}, dir / "v.pt");
+  const auto back = mae::load_tensor_dict(dir / "v.pt");
+  EXPECT_TRUE(back[0].second.equal(big.narrow(0, 10, 2)));
+  EXPECT_EQ(back[0].second.storage().nbytes(), 2u * 10 * sizeof(float));
+  EXPECT_TRUE(back[1].second.equal(big) && back[2].second.equal(big));
+  EXPECT_NE(back[1].second.data_ptr(), back[2].second.data_ptr());
+  fs::remove(dir / "v.pt");
+  // No temporary files stay behind.
+  int files = 0;
+  for (const auto& e : fs::directory_iterator(dir.path)) files += e.is_regular_file();
+  EXPECT_EQ(files, 1);
+  EXPECT_EQ(mae::description_path("/a/b/model.pt"), "/a/b/model.json");
+  EXPECT_EQ(mae::description_path("/a/b/model.bin"), "/a/b/model.bin.json");
+}
+
+TEST_F(Export, ExportCheckpointWritesFileAndDescription) {
+  TempDir dir;
+  auto c = small_config();
+  c.data.spacing_mm = std::array<double, 3>{1.5, 1.5, 2.0};
+  c.data.intensity.mode = "ct_window";
+  c.data.foreground_threshold = 0.0;
+  auto model = build(c);
+  write_checkpoint(dir / "run", c, model, 42);
+  const auto r = mae::export_checkpoint(dir / "run", dir / "enc.pt", {mae::ExportFormat::monai_vit, true});
+  EXPECT_EQ(r.json_path, dir / "enc.json");
+  const auto t = mae::load_tensor_dict(dir / "enc.pt");
+  expect_same_keys(key_list(t), expected_keys(c.model, mae::ExportFormat::monai_vit, true));
+  EXPECT_TRUE(entry(t, "blocks.1.mlp.linear2.weight").equal(param(*model, "blocks.1.mlp.linear2.weight")));
+  EXPECT_EQ(r.num_tensors, static_cast<int64_t>(t.size()));
+
+  std::ifstream in(r.json_path);
+  const auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["format"], "monai-vit");
+  EXPECT_EQ(j["checkpoint"]["step"], 42);
+  EXPECT_EQ(j["num_tensors"], t.size());
+  EXPECT_EQ(j["tensors"].size(), t.size());
+  EXPECT_EQ(j["architecture"]["num_layers"], 2);
+  EXPECT_EQ(j["architecture"]["patch_size"], Shape({8, 8, 8}));
+  EXPECT_EQ(j["preprocessing"]["intensity"]["mode"], "ct_window");
+  EXPECT_EQ(j["preprocessing"]["spacing_mm"], std::vector<double>({1.5, 1.5, 2.0}));
+  EXPECT_EQ(j["preprocessing"]["foreground_threshold"], 0.0);
+  EXPECT_TRUE(j["cross_attention_keys"]["included"].get<bool>());
+  const auto transforms = j["preprocessing"]["monai_transforms_approximate"].dump();
+  EXPECT_NE(transforms.find("a_min=-175.0, a_max=250.0"), std::string::npos) << transforms;
+  EXPECT_NE(transforms.find("pixdim=(1.5, 1.5, 2.0)"), std::string::npos) << transforms;
+  EXPECT_EQ(j["monai"]["constructor"],
+            "ViT(in_channels=1, img_size=(32, 32, 32), patch_size=(8, 8, 8), hidden_size=48, mlp_dim=96, "
+            "num_layers=2, num_heads=4, proj_type=\"conv\", pos_embed_type=\"sincos\", classification=False, "
+            "dropout_rate=0.0, spatial_dims=3, qkv_bias=False)");
+  EXPECT_NE(j["monai"]["load"].get<std::string>().find("strict=True"), std::string::npos);
+
+  // The MAE description carries the decoder and the MaskedAutoEncoderViT call.
+  mae::export_checkpoint(dir / "run", dir / "full.pt", {mae::ExportFormat::monai_mae, false});
+  std::ifstream in2(dir / "full.json");
+  const auto j2 = nlohmann::json::parse(in2);
+  EXPECT_EQ(j2["architecture"]["decoder_hidden_size"], 24);
+  EXPECT_EQ(j2["monai"]["constructor"].get<std::string>().rfind("MaskedAutoEncoderViT(in_channels=1, ", 0), 0u);
+  EXPECT_FALSE(j2["monai"]["strict"].get<bool>());
+}
+
+TEST_F(Export, UnetrDescription) {
+  auto o = mae::model_options_from(vitb_config().model);
+  EXPECT_EQ(mae::monai_constructor(o, mae::ExportFormat::monai_unetr),
+            "UNETR(in_channels=1, out_channels=num_classes, img_size=(96, 96, 96), feature_size=16, "
+            "hidden_size=768, mlp_dim=3072, num_heads=12, proj_type=\"conv\", norm_name=\"instance\", "
+            "conv_block=True, res_block=True, dropout_rate=0.0, spatial_dims=3, qkv_bias=False)");
+}
+
+// --- errors -----------------------------------------------------------------------------------
+
+TEST_F(Export, Errors) {
+  TempDir dir;
+  auto msg = message_of<mae::CheckpointError>(
+      [&] { mae::export_checkpoint(dir / "nope", dir / "x.pt", {}); });
+  EXPECT_NE(msg.find(dir / "nope"), std::string::npos) << msg;
+
+  fs::create_directories(dir / "empty_run");
+  EXPECT_THROW(mae::export_checkpoint(dir / "empty_run", dir / "x.pt", {}), mae::CheckpointError);
+
+  auto c = small_config();
+  auto model = build(c);
+  const auto ckpt = write_checkpoint(dir / "run", c, model);
+  msg = message_of<mae::IoError>([&] { mae::export_checkpoint(ckpt, dir / "no/such/folder/x.pt", {}); });
+  EXPECT_NE(msg.find("no/such/folder/x.pt"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--out"), std::string::npos) << msg;
+
+  // A damaged model.pt is a CheckpointError naming the file.
+  std::ofstream(fs::path(ckpt) / "model.pt", std::ios::trunc) << "not a model";
+  msg = message_of<mae::CheckpointError>([&] { mae::export_checkpoint(ckpt, dir / "x.pt", {}); });
+  EXPECT_NE(msg.find("model.pt"), std::string::npos) << msg;
+
+  msg = message_of<mae::InputError>(
+      [&] { mae::export_features(dir / "run", dir / "missing.nii.gz", dir / "f.pt", 0.25); });
+  EXPECT_NE(msg.find("missing.nii.gz"), std::string::npos) << msg;
+  EXPECT_FALSE(fs::exists(dir / "x.pt"));
+}
+
+// --- features ---------------------------------------------------------------------------------
+
+TEST_F(Export, EncodeVolumeMatchesEncodePerWindow) {
+  auto model = build(small_config());
+  const auto volume = at::randn({1, 40, 36, 33});
+  const auto f = mae::encode_volume(*model, volume, 0.25);
+  // Windows of 32 with stride 24: D 40 -> {0, 8}, H 36 -> {0, 4}, W 33 -> {0, 1}.
+  ASSERT_EQ(f.windows.sizes().vec(), Shape({8, 1, 32, 32, 32}));
+  ASSERT_EQ(f.origins.sizes().vec(), Shape({8, 3}));
+  EXPECT_EQ(f.origins.scalar_type(), at::kLong);
+  ASSERT_EQ(f.tokens.sizes().vec(), Shape({8, 64, 48}));
+  ASSERT_EQ(f.pooled.sizes().vec(), Shape({48}));
+  EXPECT_EQ(f.origins[7][0].item<int64_t>(), 8);
+  EXPECT_EQ(f.origins[7][1].item<int64_t>(), 4);
+  EXPECT_EQ(f.origins[7][2].item<int64_t>(), 1);
+  torch::NoGradGuard g;
+  for (int64_t i = 0; i < 8; ++i) {
+    const auto o = f.origins[i];
+    const auto crop = volume.narrow(1, o[0].item<int64_t>(), 32)
+                          .narrow(2, o[1].item<int64_t>(), 32)
+                          .narrow(3, o[2].item<int64_t>(), 32);
+    EXPECT_TRUE(f.windows[i].equal(crop)) << i;
+    EXPECT_TRUE(at::allclose(f.tokens[i], model->encode(crop.unsqueeze(0))[0], 1e-5, 1e-6)) << i;
+  }
+  EXPECT_TRUE(at::allclose(f.pooled, f.tokens.mean(std::vector<int64_t>{0, 1})));
+  EXPECT_FALSE(f.tokens.requires_grad());
+
+  const auto small_msg =
+      message_of<mae::InputError>([&] { mae::encode_volume(*model, at::randn({1, 40, 20, 40}), 0.25); });
+  EXPECT_NE(small_msg.find("20 < 32"), std::string::npos) << small_msg;
+  EXPECT_THROW(mae::encode_volume(*model, at::randn({2, 40, 40, 40}), 0.25), mae::InputError);
+  EXPECT_THROW(mae::encode_volume(*model, volume, 1.0), mae::ConfigError);
+}
+
+TEST_F(Export, FeaturesFileFromVolume) {
+  TempDir dir;
+  auto c = small_config();
+  c.data.intensity.mode = "zscore_nonzero";
+  auto model = build(c);
+  write_checkpoint(dir / "run", c, model);
+  mae::Volume v;
+  v.data = (at::rand({1, 34, 40, 32}) * 100).contiguous();
+  v.spacing = {1.0, 1.0, 1.0};
+  mae::write_volume(v, dir / "vol.nii.gz");
+
+  const auto r = mae::export_features(dir / "run", dir / "vol.nii.gz", dir / "feat.pt", 0.5);
+  EXPECT_EQ(r.json_path, dir / "feat.json");
+  const auto t = mae::load_tensor_dict(dir / "feat.pt");
+  ASSERT_EQ(t.size(), 4u);
+  EXPECT_EQ(t[0].first, "windows");
+  EXPECT_EQ(t[1].first, "origins");
+  EXPECT_EQ(t[2].first, "tokens");
+  EXPECT_EQ(t[3].first, "pooled");
+  const auto windows = t[0].second, tokens = t[2].second;
+  // Stride 16: D 34 -> {0, 2}, H 40 -> {0, 8}, W 32 -> {0}.
+  EXPECT_EQ(windows.sizes().vec(), Shape({4, 1, 32, 32, 32}));
+  EXPECT_EQ(t[1].second.scalar_type(), at::kLong);
+  EXPECT_EQ(tokens.sizes().vec(), Shape({4, 64, 48}));
+  EXPECT_EQ(t[3].second.sizes().vec(), Shape({48}));
+  // Preprocessed as training did: z-scored over nonzero voxels, so the windows are not the raw values.
+  EXPECT_LT(windows.abs().max().item<float>(), 10.0f);
+  torch::NoGradGuard g;
+  EXPECT_TRUE(at::allclose(tokens, model->encode(windows), 1e-5, 1e-6));
+  std::ifstream in(r.json_path);
+  const auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["shapes"]["tokens"], Shape({4, 64, 48}));
+  EXPECT_EQ(j["checkpoint"]["step"], 7);
+  EXPECT_EQ(j["preprocessing"]["intensity"]["mode"], "zscore_nonzero");
+
+  // A volume smaller than the window is an InputError giving both sizes.
+  v.data = at::rand({1, 20, 40, 40});
+  mae::write_volume(v, dir / "small.nii.gz");
+  EXPECT_THROW(mae::export_features(dir / "run", dir / "small.nii.gz", dir / "f2.pt", 0.25), mae::InputError);
+  EXPECT_FALSE(fs::exists(dir / "f2.pt"));
+}
+
+}  // namespace
