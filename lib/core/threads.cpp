@@ -1,6 +1,11 @@
 #include "core/threads.h"
 
 #include <ATen/Parallel.h>
+#include <pthread.h>
+#include <sched.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
@@ -24,6 +29,17 @@ int set_threads(int threads) {
   const int n = threads == 0 ? hardware_threads() : threads;
   at::set_num_threads(n);
   return n;
+}
+
+void setup_background_thread() {
+#if defined(_OPENMP)
+  omp_set_num_threads(1);  // this thread's own OpenMP setting; the training thread keeps its own
+#endif
+#if defined(__linux__) && defined(SCHED_IDLE)
+  sched_param param{};
+  param.sched_priority = 0;
+  pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
+#endif
 }
 
 void tune_allocator() {

@@ -11,6 +11,12 @@ int hardware_threads();
 /// Throws ConfigError for a negative count.
 int set_threads(int threads);
 
+/// Prepares a background thread (the data loader's workers) to stay out of the compute threads'
+/// way: the ops it runs use one intra-op thread (not a second OpenMP team per worker), and on Linux
+/// it runs under SCHED_IDLE, so it takes a core only when training leaves one idle instead of
+/// preempting an OpenMP thread that its partner then spins waiting for.
+void setup_background_thread();
+
 /// Tunes glibc's allocator for training: freed blocks up to 32 MiB stay in the heap and the heap
 /// is not trimmed, so the gradient and activation buffers of each step reuse memory instead of
 /// being mapped and zero-filled by the kernel again (measured: training step 1.01 s -> 0.76 s on

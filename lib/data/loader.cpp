@@ -18,6 +18,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "core/threads.h"
 #include "data/transforms.h"
 
 namespace mae {
@@ -157,7 +158,7 @@ struct Loader::Impl {
   }
 
   void worker() {
-    at::init_num_threads();
+    setup_background_thread();
     for (;;) {
       int64_t seq;
       {

@@ -449,8 +449,12 @@ TrainResult train(const Config& config, const TrainOptions& options) {
       grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), config.train.grad_clip_norm);
     } else if (log_now) {
       double sq = 0.0;
-      for (const auto& p : model->parameters())
-        if (p.grad().defined()) sq += p.grad().pow(2).sum().item<double>();
+      for (const auto& p : model->parameters()) {
+        if (p.grad().defined()) {
+          const double n = p.grad().norm().item<double>();  // no temporary, unlike pow(2).sum()
+          sq += n * n;
+        }
+      }
       grad_norm = std::sqrt(sq);
     }
     optimizer.step();
