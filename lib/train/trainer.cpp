@@ -172,6 +172,10 @@ RunData prepare_data(const Config& config, const fs::path& run_dir, bool print_l
     std::cout.flush();
     return d;
   }
+  if (report.failures() > 0 && d.config.on_bad_volume != "skip") {
+    for (const auto& v : report.volumes)
+      if (!v.ok) spdlog::error("{}", v.failure());
+  }
   const auto usable = usable_entries(report, d.config);
   auto keep = [&](const std::vector<DatasetEntry>& list) {
     std::vector<DatasetEntry> out;
