@@ -82,7 +82,7 @@ nlohmann::json read_json(const fs::path& path) {
 
 int64_t step_of(const std::string& name) {
   if (name.rfind("step_", 0) != 0 || name.size() <= 5) return -1;
-  if (name.find_first_not_of("0123456789", 5) != std::string::npos) return -1;
+  if (name.size() > 5 + 18 || name.find_first_not_of("0123456789", 5) != std::string::npos) return -1;
   return std::stoll(name.substr(5));
 }
 
@@ -116,7 +116,8 @@ std::string checkpoint_name(int64_t step) {
 std::string save_checkpoint(const std::string& run_dir, const CheckpointInfo& info, torch::nn::Module& model,
                             const AdamW* optimizer, const std::map<std::string, at::Tensor>& rng) {
   const fs::path root = fs::path(run_dir) / "checkpoints";
-  const std::string name = checkpoint_name(info.step);
+  // A diverged checkpoint never replaces a good one and is not what `latest` points to.
+  const std::string name = (info.diverged ? "diverged_" : "") + checkpoint_name(info.step);
   const fs::path tmp = root / (".tmp-" + name + "-" + std::to_string(::getpid()));
   const fs::path final_dir = root / name;
   try {
@@ -155,13 +156,20 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointInfo& in
                            {"val_loss", info.val_loss ? nlohmann::json(*info.val_loss) : nlohmann::json()}};
     write_text(tmp / "meta.json", meta.dump(2));  // written last: its presence marks a complete folder
     sync_path(tmp, true);
-    if (fs::exists(final_dir)) fs::remove_all(final_dir);
+    // Replacing a folder of the same step: move the old one aside under a temporary name first, so
+    // a crash at any point leaves either the old or the new folder complete under the final name.
+    const fs::path old_dir = root / (".tmp-old-" + name + "-" + std::to_string(::getpid()));
+    const bool replacing = fs::exists(final_dir);
+    if (replacing) fs::rename(final_dir, old_dir);
     fs::rename(tmp, final_dir);
     sync_path(root, true);
-    const fs::path latest_tmp = root / ("latest.tmp-" + std::to_string(::getpid()));
-    write_text(latest_tmp, name + "\n");
-    fs::rename(latest_tmp, root / "latest");
-    sync_path(root, true);
+    if (replacing) fs::remove_all(old_dir, ec);
+    if (!info.diverged) {
+      const fs::path latest_tmp = root / ("latest.tmp-" + std::to_string(::getpid()));
+      write_text(latest_tmp, name + "\n");
+      fs::rename(latest_tmp, root / "latest");
+      sync_path(root, true);
+    }
   } catch (const Error&) {
     std::error_code ec;
     fs::remove_all(tmp, ec);
@@ -197,24 +205,29 @@ std::string resolve_checkpoint(const std::string& path) {
 CheckpointInfo read_checkpoint_info(const std::string& dir) {
   const fs::path d(dir);
   const auto meta = read_json(d / "meta.json");
-  if (!meta.is_object() || meta.value("format", "") != kFormat) {
-    throw CheckpointError((d / "meta.json").string() + ": not an mae3d checkpoint");
-  }
-  if (meta.value("format_version", -1) != kCheckpointFormatVersion) {
-    throw CheckpointError((d / "meta.json").string() + ": checkpoint format version " +
-                          meta.value("format_version", nlohmann::json()).dump() + " is not supported (expected " +
-                          std::to_string(kCheckpointFormatVersion) + ")");
-  }
+  const std::string meta_path = (d / "meta.json").string();
   CheckpointInfo info;
   try {
+    if (!meta.is_object() || !meta.contains("format") || meta.at("format") != kFormat) {
+      throw CheckpointError(meta_path + ": not an mae3d checkpoint");
+    }
+    if (!meta.contains("format_version") || meta.at("format_version") != kCheckpointFormatVersion) {
+      throw CheckpointError(meta_path + ": checkpoint format version " +
+                            (meta.contains("format_version") ? meta.at("format_version").dump() : "(none)") +
+                            " is not supported (expected " + std::to_string(kCheckpointFormatVersion) + ")");
+    }
     info.step = meta.at("step").get<int64_t>();
-    info.diverged = meta.value("diverged", false);
+    info.diverged = meta.contains("diverged") && meta.at("diverged").is_boolean() && meta.at("diverged").get<bool>();
     if (meta.contains("val_loss") && meta["val_loss"].is_number()) info.val_loss = meta["val_loss"].get<double>();
   } catch (const nlohmann::json::exception&) {
-    throw CheckpointError((d / "meta.json").string() + ": damaged (missing or bad step)");
+    throw CheckpointError(meta_path + ": damaged (missing or bad step)");
   }
   info.config = read_json(d / "config.json");
   info.trainer_state = read_json(d / "trainer_state.json");
+  if (!info.config.is_object()) throw CheckpointError((d / "config.json").string() + ": damaged (not a JSON object)");
+  if (!info.trainer_state.is_object() && !info.trainer_state.is_null()) {
+    throw CheckpointError((d / "trainer_state.json").string() + ": damaged (not a JSON object)");
+  }
   return info;
 }
 
@@ -259,6 +272,15 @@ std::map<std::string, at::Tensor> load_rng(const std::string& dir) {
     throw CheckpointError(file + ": cannot load the random states: " + what_of(e));
   }
   return out;
+}
+
+void remove_checkpoints_after(const std::string& run_dir, int64_t step) {
+  for (const auto& [s, path] : list_checkpoints(run_dir)) {
+    if (s > step) {
+      std::error_code ec;
+      fs::remove_all(path, ec);
+    }
+  }
 }
 
 void remove_partial_checkpoints(const std::string& run_dir) {

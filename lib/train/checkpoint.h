@@ -36,7 +36,8 @@ struct CheckpointInfo {
 /// Folder name of the checkpoint of `step` ("step_00000123").
 std::string checkpoint_name(int64_t step);
 
-/// Writes <run_dir>/checkpoints/step_N atomically and updates `latest`; returns the folder.
+/// Writes <run_dir>/checkpoints/step_N atomically and updates `latest`; returns the folder. A
+/// diverged checkpoint goes to diverged_step_N and leaves `latest` alone.
 /// IoError naming the path when anything cannot be written (the previous checkpoints stay intact).
 std::string save_checkpoint(const std::string& run_dir, const CheckpointInfo& info, torch::nn::Module& model,
                             const AdamW* optimizer, const std::map<std::string, at::Tensor>& rng);
@@ -64,6 +65,9 @@ std::map<std::string, at::Tensor> load_rng(const std::string& dir);
 /// Deletes checkpoints of `run_dir` beyond the newest `keep_last`, keeping the one with the lowest
 /// validation loss and the one `latest` names; also removes temporary folders of crashed writes.
 void prune_checkpoints(const std::string& run_dir, int64_t keep_last);
+
+/// Deletes the checkpoints of `run_dir` after `step` (a resume from `step` abandons them).
+void remove_checkpoints_after(const std::string& run_dir, int64_t step);
 
 /// Removes temporary folders left by interrupted checkpoint writes.
 void remove_partial_checkpoints(const std::string& run_dir);

@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -266,8 +267,23 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   CheckpointInfo resumed;
   if (!resume_dir.empty()) {
     resumed = read_checkpoint_info(resume_dir);
-    if (resumed.config.value("model", nlohmann::json()) != config_to_json(config).at("model")) {
+    const auto current = config_to_json(config);
+    if (!resumed.config.contains("model") || resumed.config.at("model") != current.at("model")) {
       throw CheckpointError(resume_dir + ": its model section differs from the config's; resume with the same model");
+    }
+    // Keys that decide data order, crops and masks: changing them would silently break exact resume.
+    for (const char* key : {"/seed", "/train/batch_size", "/train/grad_accum_steps", "/data/dataset",
+                            "/data/val_fraction", "/data/num_samples", "/data/flip_prob", "/data/orientation",
+                            "/data/spacing_mm", "/data/intensity", "/data/foreground_threshold"}) {
+      const nlohmann::json::json_pointer ptr(key);
+      if (!resumed.config.contains(ptr) || resumed.config.at(ptr) != current.at(ptr)) {
+        std::string name = std::string(key).substr(1);
+        std::replace(name.begin(), name.end(), '/', '.');
+        throw CheckpointError(resume_dir + ": \"" + name + "\" was " +
+                              (resumed.config.contains(ptr) ? resumed.config.at(ptr).dump() : std::string("absent")) +
+                              " in the checkpoint and is " + current.at(ptr).dump() +
+                              " now; resume with the checkpoint's value (data order and masks depend on it)");
+      }
     }
   }
 
@@ -275,6 +291,12 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   const RunData data = prepare_data(config, run_dir, options.check_data_only, &failures);
   if (options.check_data_only) {
     result.data_failures = failures;
+    return result;
+  }
+  if (const int sig = g_stop_signal.load()) {  // stopped during the pre-flight check: nothing to save
+    result.interrupted = true;
+    result.signal = sig;
+    result.step = 0;
     return result;
   }
 
@@ -303,6 +325,10 @@ TrainResult train(const Config& config, const TrainOptions& options) {
     try {
       set_generator_state(mask_gen, rng.at("mask"));
       set_generator_state(global, rng.at("global_cpu"));
+      if (device.is_cuda() && rng.count("cuda")) {
+        auto cuda = at::globalContext().defaultGenerator(device);
+        set_generator_state(cuda, rng.at("cuda"));
+      }
       const auto& s = resumed.trainer_state;
       step = s.at("step").get<int64_t>();
       start.epoch = s.at("loader_epoch").get<int64_t>();
@@ -314,6 +340,7 @@ TrainResult train(const Config& config, const TrainOptions& options) {
       throw CheckpointError(resume_dir + ": trainer state or random states are damaged: " + e.what());
     }
   }
+  if (!resume_dir.empty()) remove_checkpoints_after(run_dir.string(), step);  // abandoned by this resume
   Loader loader(data.train, data.config, lo, start);
   const int64_t accum = config.train.grad_accum_steps;
   const int64_t total = config.train.max_steps > 0
@@ -368,6 +395,7 @@ TrainResult train(const Config& config, const TrainOptions& options) {
                           {"lr_peak", peak},
                           {"total_steps", total}};
   };
+  int64_t last_saved_step = resume_dir.empty() ? -1 : step;
   auto write_checkpoint = [&](bool diverged, std::optional<double> val_loss, const LoaderPosition& pos) {
     CheckpointInfo info;
     info.step = step;
@@ -376,10 +404,16 @@ TrainResult train(const Config& config, const TrainOptions& options) {
     info.diverged = diverged;
     info.val_loss = val_loss;
     auto global = at::detail::getDefaultCPUGenerator();
-    const std::map<std::string, at::Tensor> rng{{"mask", generator_state(mask_gen)},
-                                                {"global_cpu", generator_state(global)}};
+    std::map<std::string, at::Tensor> rng{{"mask", generator_state(mask_gen)}, {"global_cpu", generator_state(global)}};
+    if (device.is_cuda()) {
+      auto cuda = at::globalContext().defaultGenerator(device);
+      rng["cuda"] = generator_state(cuda);
+    }
     result.checkpoint = save_checkpoint(run_dir.string(), info, *model, &optimizer, rng);
-    prune_checkpoints(run_dir.string(), config.train.keep_last);
+    if (!diverged) {
+      last_saved_step = step;
+      prune_checkpoints(run_dir.string(), config.train.keep_last);
+    }
     spdlog::info("checkpoint {}{}", result.checkpoint, diverged ? " (marked diverged)" : "");
   };
 
@@ -388,8 +422,13 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   while (step < total) {
     if (const int sig = g_stop_signal.load()) {
       progress.finish();
-      spdlog::warn("stop requested (signal {}): writing a checkpoint at step {}", sig, step);
-      write_checkpoint(false, std::nullopt, position);
+      if (last_saved_step == step) {
+        result.checkpoint = latest_checkpoint(run_dir.string());
+        spdlog::warn("stop requested (signal {}): step {} is already saved in {}", sig, step, result.checkpoint);
+      } else {
+        spdlog::warn("stop requested (signal {}): writing a checkpoint at step {}", sig, step);
+        write_checkpoint(false, std::nullopt, position);
+      }
       result.interrupted = true;
       result.signal = sig;
       result.step = step;

@@ -139,14 +139,24 @@ TEST_F(Trainer, LossFallsAndOutputsAreWritten) {
   EXPECT_THROW(mae::train(mae::config_from_json(tree), {}), mae::ConfigError);
 }
 
+// Dropout (global generator) and gradient accumulation, so every random stream and the loader
+// position must be restored exactly.
+nlohmann::json resume_tree(const TempDir& dir) {
+  auto tree = tiny_tree(dir);
+  tree["model"]["dropout_rate"] = 0.1;
+  tree["train"]["grad_accum_steps"] = 2;
+  tree["train"]["keep_last"] = 10;
+  return tree;
+}
+
 TEST_F(Trainer, InterruptedAndResumedRunHasBitIdenticalLosses) {
   TempDir a, b;
   write_dataset(a);
   write_dataset(b);
-  const auto full = mae::train(mae::config_from_json(tiny_tree(a)), {});
+  const auto full = mae::train(mae::config_from_json(resume_tree(a)), {});
   ASSERT_EQ(full.step, 30);
 
-  const auto config_b = mae::config_from_json(tiny_tree(b));
+  const auto config_b = mae::config_from_json(resume_tree(b));
   mae::TrainOptions stop_at_13;
   stop_at_13.on_step = [](int64_t step, double) {
     if (step == 13) mae::request_stop(SIGINT);
@@ -167,6 +177,43 @@ TEST_F(Trainer, InterruptedAndResumedRunHasBitIdenticalLosses) {
   ASSERT_EQ(la.size(), 30u);
   ASSERT_EQ(lb.size(), 30u);
   for (int64_t s = 1; s <= 30; ++s) EXPECT_EQ(la.at(s), lb.at(s)) << "step " << s;
+}
+
+TEST_F(Trainer, StopOnACheckpointStepKeepsThatCheckpointAndResumesExactly) {
+  TempDir a, b;
+  write_dataset(a);
+  write_dataset(b);
+  mae::train(mae::config_from_json(resume_tree(a)), {});
+  const auto config_b = mae::config_from_json(resume_tree(b));
+  mae::TrainOptions stop_at_10;  // 10 is also a checkpoint step: the stop must not rewrite it
+  stop_at_10.on_step = [](int64_t step, double) {
+    if (step == 10) mae::request_stop(SIGTERM);
+  };
+  const auto part = mae::train(config_b, stop_at_10);
+  EXPECT_TRUE(part.interrupted);
+  EXPECT_EQ(fs::path(part.checkpoint).filename(), "step_00000010");
+  mae::clear_stop_request();
+  mae::TrainOptions resume;
+  resume.resume = true;
+  EXPECT_EQ(mae::train(config_b, resume).step, 30);
+  EXPECT_EQ(losses(a / "run"), losses(b / "run"));
+
+  // Resuming from step 10 again abandons the later checkpoints, and order-deciding keys must match.
+  mae::TrainOptions from_10 = resume;
+  from_10.resume_from = (fs::path(b / "run") / "checkpoints" / "step_00000010").string();
+  auto changed = resume_tree(b);
+  changed["train"]["batch_size"] = 3;
+  try {
+    mae::train(mae::config_from_json(changed), from_10);
+    ADD_FAILURE() << "no error";
+  } catch (const mae::CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("\"train.batch_size\" was 2"), std::string::npos) << e.what();
+  }
+  auto shorter = resume_tree(b);
+  shorter["train"]["max_steps"] = 12;
+  EXPECT_EQ(mae::train(mae::config_from_json(shorter), from_10).step, 12);
+  EXPECT_FALSE(fs::exists(fs::path(b / "run") / "checkpoints" / "step_00000030"));
+  EXPECT_EQ(fs::path(mae::resolve_checkpoint(b / "run")).filename(), "step_00000012");
 }
 
 TEST_F(Trainer, DamagedOrForeignCheckpointsAreRefusedNamingTheFile) {
@@ -254,8 +301,10 @@ TEST_F(Trainer, NonFiniteLossStopsWithADivergedCheckpointOrIsSkipped) {
   } catch (const mae::Error& e) {
     EXPECT_NE(std::string(e.what()).find("step 1: the loss is not finite"), std::string::npos) << e.what();
   }
-  const auto ckpt = mae::resolve_checkpoint(dir / "run");
-  EXPECT_TRUE(mae::read_checkpoint_info(ckpt).diverged);
+  // The diverged checkpoint has its own name and is not what a resume would pick up.
+  const auto diverged = fs::path(dir / "run") / "checkpoints" / "diverged_step_00000000";
+  EXPECT_TRUE(mae::read_checkpoint_info(diverged.string()).diverged);
+  EXPECT_THROW(mae::resolve_checkpoint(dir / "run"), mae::CheckpointError);
 
   tree["output"]["dir"] = dir / "run_skip";
   tree["train"]["on_nonfinite"] = "skip";
