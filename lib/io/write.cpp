@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cctype>
 #include <filesystem>
+#include <unistd.h>
 
 #include "core/error.h"
 #include "io/io.h"
@@ -24,29 +25,45 @@ bool ends_with(std::string text, const std::string& suffix) {
 }
 
 // ITK's NIfTI writer only prints an error when it cannot open the file: check the folder before
-// and the file after.
+// and the file after. The image goes to a temporary name first (same folder and extension, so
+// ITK picks the same format) and is renamed into place, so an old file of the same name is never
+// taken for a new one, and a failed write never leaves a half-written file under the final name.
 template <typename Image>
 void write_image(const Image* image, const std::string& path) {
   namespace fs = std::filesystem;
   std::error_code ec;
-  const fs::path parent = fs::absolute(path, ec).parent_path();
+  const fs::path target = fs::absolute(path, ec);
+  const fs::path parent = target.parent_path();
   if (!fs::is_directory(parent, ec)) {
     throw IoError(path + ": cannot write: folder " + parent.string() + " does not exist");
   }
+  // Header + data formats name their data file after the header: write those in place, after
+  // removing the old header so it cannot pass the check below.
+  const bool two_files = ends_with(path, ".mhd") || ends_with(path, ".nhdr") || ends_with(path, ".hdr");
+  const fs::path tmp =
+      two_files ? target : parent / (".tmp-" + std::to_string(::getpid()) + "-" + target.filename().string());
+  fs::remove(tmp, ec);
   try {
     auto writer = itk::ImageFileWriter<Image>::New();
     writer->SetInput(image);
-    writer->SetFileName(path);
+    writer->SetFileName(tmp.string());
     writer->SetUseCompression(ends_with(path, ".gz") || ends_with(path, ".mha") ||
                               ends_with(path, ".nrrd") || ends_with(path, ".png"));
     writer->Update();
   } catch (const itk::ExceptionObject& e) {
+    fs::remove(tmp, ec);
     std::string what = e.GetDescription();
     std::replace(what.begin(), what.end(), '\n', ' ');
     throw IoError(path + ": cannot write: " + what);
   }
-  if (!fs::is_regular_file(path, ec) || fs::file_size(path, ec) == 0) {
+  if (!fs::is_regular_file(tmp, ec) || fs::file_size(tmp, ec) == 0) {
+    fs::remove(tmp, ec);
     throw IoError(path + ": cannot write: the file was not created (permissions or disk full?)");
+  }
+  if (!two_files) fs::rename(tmp, target, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw IoError(path + ": cannot write: " + ec.message());
   }
 }
 
