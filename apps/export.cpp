@@ -1,6 +1,7 @@
 // mae-export: hands a pretrained encoder to segmentation code. Either writes the weights under
 // MONAI's ViT / UNETR / MaskedAutoEncoderViT names (FILE.pt + FILE.json), or encodes a whole volume
-// with the encoder (--features). Thin: parse the command line, call one library function.
+// with the encoder (--features), both in MONAI's (C, i, j, k) axis order unless --axis-order native.
+// Thin: parse the command line, call one library function.
 #include <chrono>
 #include <iostream>
 
@@ -13,7 +14,7 @@ int main(int argc, char** argv) {
   CLI::App app{"mae-export: export a pretrained mae3d encoder for MONAI (ViT, UNETR, MaskedAutoEncoderViT), "
                "or encode a volume with it"};
   app.name("mae-export");
-  std::string checkpoint, out, format, features;
+  std::string checkpoint, out, format, features, axis_order = "monai";
   bool cross_attention_keys = true;
   double overlap = 0.25;
   mae::CommonFlags common;
@@ -25,6 +26,9 @@ int main(int argc, char** argv) {
   auto* cross_opt = app.add_option("--cross-attention-keys", cross_attention_keys,
                                    "true|false: add the unused cross-attention keys MONAI >= 1.4 expects "
                                    "(default true)");
+  app.add_option("--axis-order", axis_order,
+                 "monai|native: weights and features for MONAI's (C, i, j, k) arrays (default monai), or in "
+                 "mae3d's (C, D, H, W) order as trained");
   auto* features_opt =
       app.add_option("--features", features, "encode this volume (file or DICOM folder) instead of exporting weights");
   auto* overlap_opt =
@@ -39,8 +43,9 @@ int main(int argc, char** argv) {
     auto seconds = [&] {
       return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     };
+    const mae::AxisOrder order = mae::parse_axis_order(axis_order);
     if (!features.empty() || features_opt->count() > 0) {
-      const auto r = mae::export_features(checkpoint, features, out, overlap);
+      const auto r = mae::export_features(checkpoint, features, out, overlap, order);
       std::cout << "wrote " << r.pt_path << " (" << r.num_windows << " windows) and " << r.json_path << " in "
                 << seconds() << " s" << std::endl;
       return 0;
@@ -51,6 +56,7 @@ int main(int argc, char** argv) {
     mae::ExportOptions options;
     options.format = mae::parse_export_format(format);
     options.cross_attention_keys = cross_attention_keys;
+    options.axis_order = order;
     const auto r = mae::export_checkpoint(checkpoint, out, options);
     std::cout << "wrote " << r.pt_path << " (" << r.num_tensors << " tensors, " << r.num_values << " values) and "
               << r.json_path << " in " << seconds() << " s" << std::endl;

@@ -4,6 +4,7 @@
 #include <torch/version.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "core/error.h"
@@ -64,8 +65,19 @@ EncoderFeatures encode_volume(MaskedAutoencoderImpl& model, const at::Tensor& vo
   return f;
 }
 
+EncoderFeatures to_axis_order(const EncoderFeatures& features, const std::vector<int64_t>& grid,
+                              AxisOrder axis_order) {
+  if (axis_order == AxisOrder::native) return features;
+  EncoderFeatures f;
+  f.windows = reverse_spatial_axes(features.windows);
+  f.origins = features.origins.flip({1}).contiguous();
+  f.tokens = reverse_raster(features.tokens, grid);
+  f.pooled = features.pooled;
+  return f;
+}
+
 FeaturesResult export_features(const std::string& checkpoint, const std::string& volume_path,
-                               const std::string& out_path, double overlap) {
+                               const std::string& out_path, double overlap, AxisOrder axis_order) {
   std::error_code ec;
   if (volume_path.empty() || !fs::exists(volume_path, ec)) {
     throw InputError("--features " + volume_path + ": no such file or folder");
@@ -80,7 +92,9 @@ FeaturesResult export_features(const std::string& checkpoint, const std::string&
   DataConfig data = trained.config.data;
   data.cache_dir.clear();
   const PreprocessedVolume pv = VolumeCache(data).load(DatasetEntry{{volume_path}, ""});
-  const EncoderFeatures f = encode_volume(*trained.model, pv.volume.data, overlap);
+  const auto& grid = trained.model->options().grid();
+  const EncoderFeatures f = to_axis_order(encode_volume(*trained.model, pv.volume.data, overlap), grid, axis_order);
+  const bool monai = axis_order == AxisOrder::monai;
 
   FeaturesResult result;
   result.pt_path = out_path;
@@ -99,18 +113,29 @@ FeaturesResult export_features(const std::string& checkpoint, const std::string&
                  {"spacing_mm_xyz", pv.source.spacing},
                  {"orientation", pv.source.orientation}};
   j["preprocessed"] = {{"shape_cdhw", pv.volume.data.sizes().vec()}, {"spacing_mm_xyz", pv.volume.spacing}};
-  j["preprocessing"] = preprocessing_description(trained.config);
+  if (monai) {
+    auto shape = pv.volume.data.sizes().vec();
+    std::reverse(shape.begin() + 1, shape.end());
+    j["preprocessed"]["shape_cijk"] = shape;
+  }
+  j["axis_order"] = {{"order", to_string(axis_order)},
+                     {"input", axis_order_description(axis_order, trained.config.data.orientation)}};
+  j["preprocessing"] = preprocessing_description(trained.config, axis_order);
   j["shapes"] = {{"windows", f.windows.sizes().vec()},
                  {"origins", f.origins.sizes().vec()},
                  {"tokens", f.tokens.sizes().vec()},
                  {"pooled", f.pooled.sizes().vec()}};
+  const std::string axes = monai ? "(i, j, k)" : "(d, h, w)";
   j["meaning"] = {
-      {"windows", "(W, C, d, h, w) float32: the exact encoder inputs (model-sized windows of the preprocessed volume)"},
-      {"origins", "(W, 3) int64: voxel offset (d, h, w) of each window in the preprocessed volume"},
+      {"windows", "(W, C, " + std::string(monai ? "i, j, k" : "d, h, w") +
+                      ") float32: the exact encoder inputs (model-sized windows of the preprocessed volume)" +
+                      (monai ? ", as MONAI arrays: mae3d's (C, d, h, w) windows with the spatial axes reversed" : "")},
+      {"origins", "(W, 3) int64: voxel offset " + axes + " of each window in the preprocessed volume"},
       {"tokens", "(W, N, E) float32: encoder output on all patches, no cls token, after the final LayerNorm; "
-                 "patch t = i*g1*g2 + j*g2 + k of the (g0, g1, g2) grid"},
+                 "patch t = a*g1*g2 + b*g2 + c at position (a, b, c) of the " + axes + " patch grid \"grid\" (as a "
+                 "ViT exported with --axis-order " + to_string(axis_order) + " computes them from the windows)"},
       {"pooled", "(E) float32: mean of tokens over all windows and patches"}};
-  j["grid"] = trained.model->options().grid();
+  j["grid"] = in_axis_order(grid, axis_order);
 
   save_tensor_dict({{"windows", f.windows}, {"origins", f.origins}, {"tokens", f.tokens}, {"pooled", f.pooled}},
                    result.pt_path);

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
@@ -70,12 +71,13 @@ const char* network_name(ExportFormat format) {
   return "?";
 }
 
-std::string load_snippet(ExportFormat format, const MaskedAutoencoderOptions& o, bool cross, const std::string& path) {
+std::string load_snippet(ExportFormat format, const MaskedAutoencoderOptions& o, bool cross, AxisOrder axis_order,
+                         const std::string& path) {
   std::ostringstream s;
   s << "import torch\n"
     << "from monai.networks.nets import " << network_name(format) << "\n\n";
   if (format == ExportFormat::monai_unetr) s << "num_classes = 2  # your number of output classes\n";
-  s << "net = " << monai_constructor(o, format) << "\n"
+  s << "net = " << monai_constructor(o, format, axis_order) << "\n"
     << "sd = torch.load(" << py_str(path) << ", map_location=\"cpu\")\n";
   if (format == ExportFormat::monai_unetr) {
     s << "missing, unexpected = net.load_state_dict(sd, strict=False)  # only vit.* is pretrained\n"
@@ -90,7 +92,12 @@ std::string load_snippet(ExportFormat format, const MaskedAutoencoderOptions& o,
       << "assert not unexpected and all(\"cross_attn\" in k for k in missing), (missing, unexpected)\n";
   }
   if (format == ExportFormat::monai_vit) {
-    s << "# x: (B, " << o.in_channels() << ", D, H, W) in mae3d's axis order, preprocessed as \"preprocessing\" says\n"
+    s << (axis_order == AxisOrder::monai
+              ? "# x: (B, " + std::to_string(o.in_channels()) +
+                    ", i, j, k) as MONAI's transforms give it (see \"axis_order\"), preprocessed as \"preprocessing\" "
+                    "says\n"
+              : "# x: (B, " + std::to_string(o.in_channels()) +
+                    ", D, H, W) in mae3d's axis order (see \"axis_order\"), preprocessed as \"preprocessing\" says\n")
       << "tokens, hidden_states = net(x)  # tokens: (B, " << o.num_patches() << ", " << o.hidden_size()
       << ") after the final norm\n";
   }
@@ -137,17 +144,37 @@ NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions&
   const bool full = format == ExportFormat::monai_mae;
   const bool cross = export_options.cross_attention_keys;
   const std::string prefix = format == ExportFormat::monai_unetr ? "vit." : "";
+  const bool monai_axes = export_options.axis_order == AxisOrder::monai;
+  const int64_t C = o.in_channels();
+  int64_t P = 1;
+  for (int64_t p : o.patch_size()) P *= p;
 
   std::map<std::string, at::Tensor> source;
   for (const auto& item : model.named_parameters(/*recurse=*/true)) source[item.key()] = item.value();
   for (const auto& item : model.named_buffers(/*recurse=*/true)) source[item.key()] = item.value();
   std::set<std::string> used;
   NamedTensors out;
-  auto take = [&](const std::string& from, const std::string& to) {
+  // `reorder` rewrites the copy for MONAI's axis order (export/axis_order.h); empty: order-free.
+  using Reorder = std::function<at::Tensor(const at::Tensor&)>;
+  auto take = [&](const std::string& from, const std::string& to, const Reorder& reorder = {}) {
     auto it = source.find(from);
     if (it == source.end()) throw Error("export: the model has no parameter \"" + from + "\" (model/export mismatch)");
     used.insert(from);
-    out.emplace_back(to, it->second.detach().to(at::kCPU, at::kFloat).clone(at::MemoryFormat::Contiguous));
+    auto t = it->second.detach().to(at::kCPU, at::kFloat).clone(at::MemoryFormat::Contiguous);
+    if (monai_axes && reorder) t = reorder(t);
+    out.emplace_back(to, t);
+  };
+  // Token tables (1, N, X): the raster over the reversed grid.
+  const Reorder tokens = [&](const at::Tensor& t) { return reverse_raster(t, o.grid()); };
+  // Conv kernel (E, C, p...): spatial axes reversed.
+  const Reorder kernel = [](const at::Tensor& t) { return reverse_spatial_axes(t); };
+  // Perceptron weight (E, P·C): columns in (p... c) order, made the voxel raster over the reversed patch.
+  const Reorder voxel_columns = [&](const at::Tensor& t) {
+    return reverse_raster(t.view({t.size(0), P, C}), o.patch_size()).view(t.sizes());
+  };
+  // decoder_pred weight (P·C, Ed) or bias (P·C): rows in (p... c) order, likewise.
+  const Reorder voxel_rows = [&](const at::Tensor& t) {
+    return reverse_raster(t.reshape({1, P, -1}), o.patch_size()).view(t.sizes());
   };
   // MONAI's TransformerBlock state_dict order: mlp, norm1, attn (out_proj before qkv), norm2,
   // norm_cross_attn, cross_attn.
@@ -167,12 +194,12 @@ NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions&
   if (full) {
     take("cls_token", "cls_token");
     take("mask_tokens", "mask_tokens");
-    take("decoder_pos_embedding", "decoder_pos_embedding");
+    take("decoder_pos_embedding", "decoder_pos_embedding", tokens);
   }
-  take("patch_embedding.position_embeddings", prefix + "patch_embedding.position_embeddings");
-  const std::string proj =
-      o.proj_type() == "conv" ? "patch_embedding.patch_embeddings." : "patch_embedding.patch_embeddings.1.";
-  take(proj + "weight", prefix + proj + "weight");
+  take("patch_embedding.position_embeddings", prefix + "patch_embedding.position_embeddings", tokens);
+  const bool conv = o.proj_type() == "conv";
+  const std::string proj = conv ? "patch_embedding.patch_embeddings." : "patch_embedding.patch_embeddings.1.";
+  take(proj + "weight", prefix + proj + "weight", conv ? kernel : voxel_columns);
   take(proj + "bias", prefix + proj + "bias");
   const int64_t L = o.num_layers();
   for (int64_t i = 0; i < L; ++i) {
@@ -190,8 +217,8 @@ NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions&
     }
     take("decoder_blocks." + std::to_string(Ld) + ".weight", "decoder_norm.weight");
     take("decoder_blocks." + std::to_string(Ld) + ".bias", "decoder_norm.bias");
-    take("decoder_pred.weight", "decoder_pred.weight");
-    take("decoder_pred.bias", "decoder_pred.bias");
+    take("decoder_pred.weight", "decoder_pred.weight", voxel_rows);
+    take("decoder_pred.bias", "decoder_pred.bias", voxel_rows);
   }
 
   // Everything left must be something the encoder-only formats drop on purpose.
@@ -203,28 +230,30 @@ NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions&
   return out;
 }
 
-std::string monai_constructor(const MaskedAutoencoderOptions& o, ExportFormat format) {
+std::string monai_constructor(const MaskedAutoencoderOptions& o, ExportFormat format, AxisOrder axis_order) {
   std::ostringstream s;
+  const std::string img_size = py_tuple(in_axis_order(o.img_size(), axis_order));
+  const std::string patch_size = py_tuple(in_axis_order(o.patch_size(), axis_order));
   const std::string common_tail = "dropout_rate=" + py_float(o.dropout_rate()) +
                                   ", spatial_dims=" + std::to_string(o.spatial_dims()) +
                                   ", qkv_bias=" + py_bool(o.qkv_bias()) + ")";
   switch (format) {
     case ExportFormat::monai_vit:
-      s << "ViT(in_channels=" << o.in_channels() << ", img_size=" << py_tuple(o.img_size())
-        << ", patch_size=" << py_tuple(o.patch_size()) << ", hidden_size=" << o.hidden_size()
+      s << "ViT(in_channels=" << o.in_channels() << ", img_size=" << img_size
+        << ", patch_size=" << patch_size << ", hidden_size=" << o.hidden_size()
         << ", mlp_dim=" << o.mlp_dim() << ", num_layers=" << o.num_layers() << ", num_heads=" << o.num_heads()
         << ", proj_type=" << py_str(o.proj_type()) << ", pos_embed_type=" << py_str(o.pos_embed_type())
         << ", classification=False, " << common_tail;
       break;
     case ExportFormat::monai_unetr:
       s << "UNETR(in_channels=" << o.in_channels() << ", out_channels=num_classes, img_size="
-        << py_tuple(o.img_size()) << ", feature_size=16, hidden_size=" << o.hidden_size()
+        << img_size << ", feature_size=16, hidden_size=" << o.hidden_size()
         << ", mlp_dim=" << o.mlp_dim() << ", num_heads=" << o.num_heads() << ", proj_type=" << py_str(o.proj_type())
         << ", norm_name=\"instance\", conv_block=True, res_block=True, " << common_tail;
       break;
     case ExportFormat::monai_mae:
-      s << "MaskedAutoEncoderViT(in_channels=" << o.in_channels() << ", img_size=" << py_tuple(o.img_size())
-        << ", patch_size=" << py_tuple(o.patch_size()) << ", hidden_size=" << o.hidden_size()
+      s << "MaskedAutoEncoderViT(in_channels=" << o.in_channels() << ", img_size=" << img_size
+        << ", patch_size=" << patch_size << ", hidden_size=" << o.hidden_size()
         << ", mlp_dim=" << o.mlp_dim() << ", num_layers=" << o.num_layers() << ", num_heads=" << o.num_heads()
         << ", masking_ratio=" << py_float(o.masking_ratio()) << ", decoder_hidden_size=" << o.decoder_hidden_size()
         << ", decoder_mlp_dim=" << o.decoder_mlp_dim() << ", decoder_num_layers=" << o.decoder_num_layers()
@@ -236,7 +265,25 @@ std::string monai_constructor(const MaskedAutoencoderOptions& o, ExportFormat fo
   return s.str();
 }
 
-nlohmann::json preprocessing_description(const Config& config) {
+std::string axis_order_description(AxisOrder axis_order, const std::string& orientation) {
+  const std::string oriented =
+      orientation.empty() ? "in the files' own orientation (training did not reorient: add no Orientationd)"
+                          : "after Orientationd(axcodes=" + py_str(orientation) + "), the training orientation";
+  const std::string codes =
+      "; orientation codes use the nibabel/MONAI convention (letter = direction the index increases towards)";
+  if (axis_order == AxisOrder::monai) {
+    return "network input (B, C, i, j, k): the arrays MONAI's LoadImaged(ensure_channel_first=True) gives " + oriented +
+           ", i the fastest image index (NIfTI i, ITK x), k the slowest (NIfTI k, ITK z); no transpose. The weights "
+           "were rewritten from mae3d's (C, D, H, W) = (C, k, j, i) order (patch kernels, in-patch voxel order, "
+           "token raster), so img_size and patch_size read (i, j, k) and tokens are in the raster of the (i, j, k) "
+           "patch grid" + codes + ".";
+  }
+  return "network input (B, C, D, H, W) in mae3d's order: D is the slowest image index (NIfTI k, ITK z), W the fastest "
+         "(NIfTI i, ITK x), " + oriented + codes + ". MONAI's LoadImage gives (C, i, j, k): reverse the spatial axes "
+         "before the network (x.permute(0, 1, 4, 3, 2)), or export with --axis-order monai.";
+}
+
+nlohmann::json preprocessing_description(const Config& config, AxisOrder axis_order) {
   const auto data = config_to_json(config)["data"];
   const auto& d = config.data;
   nlohmann::json p;
@@ -246,12 +293,9 @@ nlohmann::json preprocessing_description(const Config& config) {
   p["foreground_threshold"] = data["foreground_threshold"];
   p["time_point"] = d.time_point;
   p["fourth_axis_as_channels"] = d.fourth_axis_as_channels;
-  p["input_size"] = config.model.img_size;
+  p["input_size"] = in_axis_order(config.model.img_size, axis_order);
   p["rounding"] = "voxels rounded to float16 precision after preprocessing (as the training cache stores them)";
-  p["axis_order"] =
-      "network input (B, C, D, H, W): D is the slowest image index (NIfTI k, ITK z), W the fastest (NIfTI i, "
-      "ITK x); orientation codes use the nibabel/MONAI convention (letter = direction the index increases "
-      "towards). MONAI's LoadImage gives (C, i, j, k): reverse the spatial axes before the network.";
+  p["axis_order"] = axis_order_description(axis_order, d.orientation);
   // An approximate MONAI pipeline; mae3d's own preprocessing (mae-export --features) is the reference.
   std::vector<std::string> t{"LoadImaged(keys=\"image\", ensure_channel_first=True)"};
   if (!d.orientation.empty()) t.push_back("Orientationd(keys=\"image\", axcodes=" + py_str(d.orientation) + ")");
@@ -275,7 +319,9 @@ nlohmann::json preprocessing_description(const Config& config) {
     t.push_back("CropForegroundd(keys=\"image\", source_key=\"image\", select_fn=lambda x: x > " +
                 py_float(*d.foreground_threshold) + ")");
   }
-  t.push_back("Transposed(keys=\"image\", indices=(0, 3, 2, 1))  # (C, i, j, k) -> (C, D, H, W)");
+  if (axis_order == AxisOrder::native) {
+    t.push_back("Transposed(keys=\"image\", indices=(0, 3, 2, 1))  # (C, i, j, k) -> (C, D, H, W)");
+  }
   p["monai_transforms_approximate"] = t;
   return p;
 }
@@ -285,6 +331,7 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
   const auto o = trained.model->options();
   const ExportFormat format = export_options.format;
   const bool cross = export_options.cross_attention_keys;
+  const AxisOrder axis_order = export_options.axis_order;
   const std::string abs_path = fs::absolute(pt_path).lexically_normal().string();
   nlohmann::json j;
   j["format"] = to_string(format);
@@ -295,9 +342,10 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
   nlohmann::json a;
   a["spatial_dims"] = o.spatial_dims();
   a["in_channels"] = o.in_channels();
-  a["img_size"] = o.img_size();
-  a["patch_size"] = o.patch_size();
-  a["grid"] = o.grid();
+  a["axis_order"] = to_string(axis_order);
+  a["img_size"] = in_axis_order(o.img_size(), axis_order);
+  a["patch_size"] = in_axis_order(o.patch_size(), axis_order);
+  a["grid"] = in_axis_order(o.grid(), axis_order);
   a["num_patches"] = o.num_patches();
   a["hidden_size"] = o.hidden_size();
   a["mlp_dim"] = o.mlp_dim();
@@ -317,7 +365,9 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
     a["decoder_pos_embed_type"] = o.decoder_pos_embed_type();
   }
   j["architecture"] = a;
-  j["preprocessing"] = preprocessing_description(trained.config);
+  j["axis_order"] = {{"order", to_string(axis_order)},
+                     {"input", axis_order_description(axis_order, trained.config.data.orientation)}};
+  j["preprocessing"] = preprocessing_description(trained.config, axis_order);
 
   int64_t values = 0;
   nlohmann::json list = nlohmann::json::array();
@@ -332,15 +382,20 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
   nlohmann::json m;
   m["network"] = std::string("monai.networks.nets.") + network_name(format);
   m["min_version"] = cross ? "1.4" : "1.3";
-  m["constructor"] = monai_constructor(o, format);
+  m["constructor"] = monai_constructor(o, format, axis_order);
   m["strict"] = format != ExportFormat::monai_unetr && cross;
-  m["load"] = load_snippet(format, o, cross, abs_path);
+  m["load"] = load_snippet(format, o, cross, axis_order, abs_path);
   j["monai"] = m;
 
   std::vector<std::string> notes;
-  if (o.pos_embed_type() == "sincos") {
+  if (o.pos_embed_type() == "sincos" && axis_order == AxisOrder::native) {
     notes.push_back("patch_embedding.position_embeddings holds the fixed sin-cos table the encoder was trained with "
                     "(MONAI builds the same table for pos_embed_type=\"sincos\"; loading overwrites it either way).");
+  } else if (o.pos_embed_type() == "sincos") {
+    notes.push_back("patch_embedding.position_embeddings holds the fixed sin-cos table the encoder was trained with, "
+                    "its tokens reordered to the (i, j, k) raster. MONAI's own sin-cos table for the reversed grid "
+                    "gives the i and k axes each other's channel blocks, so it is not this table: keep the loaded one "
+                    "(loading overwrites MONAI's; do not rebuild it).");
   } else {
     notes.push_back("patch_embedding.position_embeddings holds the encoder's \"" + o.pos_embed_type() +
                     "\" position table as trained (zeros for \"none\").");
@@ -356,6 +411,13 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
     notes.push_back("The encoder's and decoder's final LayerNorms (mae3d blocks." + std::to_string(o.num_layers()) +
                     ", decoder_blocks." + std::to_string(o.decoder_num_layers()) +
                     ") are exported as norm and decoder_norm, MaskedAutoEncoderViT's names.");
+    notes.push_back(axis_order == AxisOrder::monai
+                        ? "decoder_pred predicts, per token of the (i, j, k) raster, the patch voxels in (p1 p2 p3 c) "
+                          "order over the (i, j, k) axes: Rearrange(\"b c (h p1) (w p2) (d p3) -> b (h w d) (p1 p2 p3 "
+                          "c)\") of the (B, C, i, j, k) input. decoder_pos_embedding is reordered like the encoder's "
+                          "positions."
+                        : "decoder_pred predicts, per token of the (D, H, W) raster, the patch voxels in (p1 p2 p3 c) "
+                          "order over mae3d's (D, H, W) axes.");
   }
   j["cross_attention_keys"] = {
       {"included", cross},

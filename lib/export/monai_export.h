@@ -21,12 +21,18 @@
 // must re-initialise them: an all-zero q/k/v/out_proj branch passes no gradient to its weights.
 // MONAI registers no buffers in these blocks (causal_mask only exists for causal=True), so there
 // are no other keys to add. MONAI 1.3 builds no cross-attention: export with the keys off.
+//
+// Axis order (export/axis_order.h): by default the weights are rewritten for MONAI's (C, i, j, k)
+// arrays (patch kernels and in-patch voxel orders over the reversed axes, token tables in the raster
+// of the reversed grid, img_size / patch_size reversed in the constructor); --axis-order native keeps
+// mae3d's (C, D, H, W) weights as trained.
 #pragma once
 
 #include <nlohmann/json.hpp>
 
 #include <string>
 
+#include "export/axis_order.h"
 #include "export/tensor_file.h"
 #include "model/mae.h"
 #include "train/trained_model.h"
@@ -50,6 +56,7 @@ ExportFormat parse_export_format(const std::string& name);
 struct ExportOptions {
   ExportFormat format = ExportFormat::monai_vit;  ///< target network
   bool cross_attention_keys = true;               ///< add MONAI >= 1.4's unused cross-attention keys
+  AxisOrder axis_order = AxisOrder::monai;        ///< spatial axis order the exported network expects
 };
 
 /// Throws ConfigError (naming --format monai-unetr and what differs) unless the model fits MONAI's
@@ -57,13 +64,16 @@ struct ExportOptions {
 void check_unetr_compatible(const MaskedAutoencoderOptions& options);
 
 /// The model's weights under MONAI's names for `export_options.format`, in MONAI's state_dict
-/// order; tensors are float32 CPU copies. Throws ConfigError for an UNETR-incompatible model, and
-/// Error when the model holds a parameter the mapping does not know (so nothing is lost silently).
+/// order, rewritten for `export_options.axis_order`; tensors are float32 CPU copies. Throws
+/// ConfigError for an UNETR-incompatible model, and Error when the model holds a parameter the
+/// mapping does not know (so nothing is lost silently).
 NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions& export_options);
 
 /// The Python constructor call of the MONAI network matching `options` for `format`, e.g.
-/// `ViT(in_channels=1, img_size=(96, 96, 96), patch_size=(16, 16, 16), ...)`.
-std::string monai_constructor(const MaskedAutoencoderOptions& options, ExportFormat format);
+/// `ViT(in_channels=1, img_size=(96, 96, 96), patch_size=(16, 16, 16), ...)`; img_size and
+/// patch_size in `axis_order` (reversed for monai).
+std::string monai_constructor(const MaskedAutoencoderOptions& options, ExportFormat format,
+                              AxisOrder axis_order = AxisOrder::monai);
 
 /// The JSON description of an export of `trained` into `pt_path` holding `tensors`: format,
 /// checkpoint, architecture, preprocessing, tensor names and shapes, MONAI constructor and loading
@@ -72,8 +82,13 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
                                   const NamedTensors& tensors, const std::string& pt_path);
 
 /// The training preprocessing of `config` as JSON (orientation, spacing, intensity, foreground
-/// crop, model input size, tensor axis order), for the descriptions next to exported files.
-nlohmann::json preprocessing_description(const Config& config);
+/// crop, model input size and tensor axis order in `axis_order`), for the descriptions next to
+/// exported files.
+nlohmann::json preprocessing_description(const Config& config, AxisOrder axis_order);
+
+/// What a network exported in `axis_order` expects as input, given the training orientation code
+/// (`orientation`, "" = the files' own): one sentence for the JSON descriptions.
+std::string axis_order_description(AxisOrder axis_order, const std::string& orientation);
 
 /// Where an export went.
 struct ExportResult {

@@ -2,6 +2,10 @@
 // model and ViT-B 96^3, the cross-attention keys, UNETR refusals, the tensor file round trip, the
 // JSON description, encoder features (tokens equal encode() of each window) and the error cases.
 // The expected key lists are written out here from MONAI's module structure, not from the export.
+// Axis order: for a non-cubic model (cubic shapes hide axis mistakes), MONAI's ViT and
+// MaskedAutoEncoderViT forward passes, written here in plain LibTorch ops from an exported dict, on
+// the spatially reversed input reproduce encode() / forward_visible() with tokens and patch voxels
+// reordered by hand (--axis-order monai), and on the input itself with --axis-order native.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
@@ -68,6 +72,19 @@ mae::Config small_config() {
   return c;
 }
 
+// Non-cubic image, patch and grid (16, 24, 32) / (4, 8, 16) / (4, 3, 2), none of them the same
+// reversed: every axis mistake shows.
+mae::Config axis_config(const std::string& proj_type) {
+  auto c = small_config();
+  c.model.img_size = {16, 24, 32};
+  c.model.patch_size = {4, 8, 16};
+  c.model.proj_type = proj_type;
+  c.model.qkv_bias = true;
+  c.model.pos_embed_type = "learnable";
+  c.model.decoder_pos_embed_type = "learnable";
+  return c;
+}
+
 mae::Config vitb_config() {
   mae::Config c;  // the defaults are ViT-B 96^3, patch 16, decoder 384/512/4/12
   c.data.dataset = "unused.json";
@@ -105,8 +122,9 @@ void add_block(KeyList& k, const std::string& p, int64_t e, int64_t mlp, bool qk
   }
 }
 
-// MONAI's ViT (prefix "") / UNETR (prefix "vit.") / MaskedAutoEncoderViT state_dict for a 3D model.
-KeyList expected_keys(const mae::ModelConfig& m, mae::ExportFormat f, bool cross) {
+// MONAI's ViT (prefix "") / UNETR (prefix "vit.") / MaskedAutoEncoderViT state_dict for a 3D model;
+// `reversed`: the conv kernel of a --axis-order monai export, (E, C, pW, pH, pD).
+KeyList expected_keys(const mae::ModelConfig& m, mae::ExportFormat f, bool cross, bool reversed = true) {
   KeyList k;
   const std::string pre = f == mae::ExportFormat::monai_unetr ? "vit." : "";
   const bool full = f == mae::ExportFormat::monai_mae;
@@ -122,7 +140,8 @@ KeyList expected_keys(const mae::ModelConfig& m, mae::ExportFormat f, bool cross
   }
   k.push_back({pre + "patch_embedding.position_embeddings", {1, n, e}});
   if (m.proj_type == "conv") {
-    k.push_back({pre + "patch_embedding.patch_embeddings.weight", {e, m.in_channels, pt[0], pt[1], pt[2]}});
+    const Shape kernel = reversed ? Shape{pt[2], pt[1], pt[0]} : Shape{pt[0], pt[1], pt[2]};
+    k.push_back({pre + "patch_embedding.patch_embeddings.weight", {e, m.in_channels, kernel[0], kernel[1], kernel[2]}});
     k.push_back({pre + "patch_embedding.patch_embeddings.bias", {e}});
   } else {
     k.push_back({pre + "patch_embedding.patch_embeddings.1.weight", {e, pdim}});
@@ -206,6 +225,11 @@ TEST_F(Export, FormatNames) {
   const auto msg = message_of<mae::ConfigError>([] { mae::parse_export_format("monai-swin"); });
   EXPECT_NE(msg.find("--format"), std::string::npos) << msg;
   EXPECT_NE(msg.find("monai-swin"), std::string::npos) << msg;
+  for (auto a : {mae::AxisOrder::monai, mae::AxisOrder::native}) EXPECT_EQ(mae::parse_axis_order(mae::to_string(a)), a);
+  EXPECT_EQ(mae::ExportOptions{}.axis_order, mae::AxisOrder::monai);
+  const auto axis_msg = message_of<mae::ConfigError>([] { mae::parse_axis_order("xyz"); });
+  EXPECT_NE(axis_msg.find("--axis-order"), std::string::npos) << axis_msg;
+  EXPECT_NE(axis_msg.find("xyz"), std::string::npos) << axis_msg;
 }
 
 TEST_F(Export, SmallKeyListsEveryFormat) {
@@ -247,7 +271,7 @@ TEST_F(Export, PerceptronAndQkvBiasKeys) {
 TEST_F(Export, ValuesAreFreshFloatCopies) {
   const auto c = small_config();
   auto model = build(c);
-  const auto t = mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, true});
+  const auto t = mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, true, mae::AxisOrder::native});
   // Renamed final norms carry the model's values.
   auto w = param(*model, "blocks.2.weight");
   {
@@ -306,6 +330,188 @@ TEST_F(Export, VitBaseKeyLists) {
   for (const auto& [name, v] : vit_plain) values += v.numel();
   // conv 768*4096+768, positions 216*768, 12 blocks of 7,085,568, final norm 1536.
   EXPECT_EQ(values, 768 * 4096 + 768 + 216 * 768 + 12 * int64_t{7085568} + 1536);
+}
+
+// --- axis order -------------------------------------------------------------------------------
+
+// (B, N, X) tokens in mae3d's raster over the grid (gD, gH, gW) -> MONAI's raster over (gW, gH, gD).
+at::Tensor monai_tokens(const at::Tensor& t, const Shape& g) {
+  return t.reshape({t.size(0), g[0], g[1], g[2], t.size(2)}).permute({0, 3, 2, 1, 4}).reshape(t.sizes());
+}
+
+// (..., P·C) patch voxels in (pD pH pW c) order -> (pW pH pD c) order.
+at::Tensor monai_voxels(const at::Tensor& t, const Shape& p, int64_t c) {
+  return t.reshape({-1, p[0], p[1], p[2], c}).permute({0, 3, 2, 1, 4}).reshape(t.sizes());
+}
+
+// MONAI's perceptron Rearrange "b c (h p1) (w p2) (d p3) -> b (h w d) (p1 p2 p3 c)" on x's own axes.
+at::Tensor rearrange_patches(const at::Tensor& x, const Shape& p) {
+  const int64_t B = x.size(0), C = x.size(1);
+  const int64_t a = x.size(2) / p[0], b = x.size(3) / p[1], c = x.size(4) / p[2];
+  return x.reshape({B, C, a, p[0], b, p[1], c, p[2]})
+      .permute({0, 2, 4, 6, 3, 5, 7, 1})
+      .reshape({B, a * b * c, p[0] * p[1] * p[2] * C});
+}
+
+// One MONAI TransformerBlock (pre-norm, fused qkv split as (3, heads, head_dim), exact GELU).
+at::Tensor reference_block(const mae::NamedTensors& sd, const std::string& p, const at::Tensor& x, int64_t heads,
+                           bool qkv_bias) {
+  const int64_t B = x.size(0), T = x.size(1), E = x.size(2), hd = E / heads;
+  auto y = at::layer_norm(x, {E}, entry(sd, p + "norm1.weight"), entry(sd, p + "norm1.bias"), 1e-5);
+  auto qkv = at::linear(y, entry(sd, p + "attn.qkv.weight"), qkv_bias ? entry(sd, p + "attn.qkv.bias") : at::Tensor())
+                 .view({B, T, 3, heads, hd})
+                 .permute({2, 0, 3, 1, 4});
+  auto att = at::softmax(at::matmul(qkv[0], qkv[1].transpose(-2, -1)) / std::sqrt(static_cast<double>(hd)), -1);
+  auto o = at::matmul(att, qkv[2]).transpose(1, 2).reshape({B, T, E});
+  auto h = x + at::linear(o, entry(sd, p + "attn.out_proj.weight"), entry(sd, p + "attn.out_proj.bias"));
+  y = at::layer_norm(h, {E}, entry(sd, p + "norm2.weight"), entry(sd, p + "norm2.bias"), 1e-5);
+  y = at::gelu(at::linear(y, entry(sd, p + "mlp.linear1.weight"), entry(sd, p + "mlp.linear1.bias")));
+  return h + at::linear(y, entry(sd, p + "mlp.linear2.weight"), entry(sd, p + "mlp.linear2.bias"));
+}
+
+// MONAI's PatchEmbeddingBlock on x (B, C, s0, s1, s2) with patch `p` in x's axis order: (B, N, E).
+at::Tensor reference_embed(const mae::NamedTensors& sd, const at::Tensor& x, const Shape& p, bool conv) {
+  at::Tensor h;
+  if (conv) {
+    const auto w = entry(sd, "patch_embedding.patch_embeddings.weight");
+    EXPECT_EQ(w.sizes().slice(2).vec(), p);
+    h = at::conv3d(x, w, entry(sd, "patch_embedding.patch_embeddings.bias"), p).flatten(2).transpose(1, 2);
+  } else {
+    h = at::linear(rearrange_patches(x, p), entry(sd, "patch_embedding.patch_embeddings.1.weight"),
+                   entry(sd, "patch_embedding.patch_embeddings.1.bias"));
+  }
+  return h + entry(sd, "patch_embedding.position_embeddings");
+}
+
+// MONAI's ViT (classification=False) from a monai-vit dict: x (B, C, s0, s1, s2) -> (B, N, E).
+at::Tensor reference_vit(const mae::NamedTensors& sd, const at::Tensor& x, const Shape& p, const mae::ModelConfig& m) {
+  auto h = reference_embed(sd, x, p, m.proj_type == "conv");
+  for (int64_t i = 0; i < m.num_layers; ++i) {
+    h = reference_block(sd, "blocks." + std::to_string(i) + ".", h, m.num_heads, m.qkv_bias);
+  }
+  return at::layer_norm(h, {m.hidden_size}, entry(sd, "norm.weight"), entry(sd, "norm.bias"), 1e-5);
+}
+
+// MaskedAutoEncoderViT's prediction from a monai-mae dict with the tokens `visible` (B, K) kept:
+// (B, N, P·C), as mae3d's forward_visible computes it.
+at::Tensor reference_mae(const mae::NamedTensors& sd, const at::Tensor& x, const Shape& p, const mae::ModelConfig& m,
+                         const at::Tensor& visible) {
+  const int64_t B = x.size(0), E = m.hidden_size, Ed = m.decoder_hidden_size;
+  auto tokens = reference_embed(sd, x, p, m.proj_type == "conv");
+  const int64_t N = tokens.size(1), K = visible.size(1);
+  const auto kept = tokens.gather(1, visible.unsqueeze(-1).expand({B, K, E}));
+  auto h = at::cat({entry(sd, "cls_token").expand({B, 1, E}), kept}, 1);
+  for (int64_t i = 0; i < m.num_layers; ++i) {
+    h = reference_block(sd, "blocks." + std::to_string(i) + ".", h, m.num_heads, m.qkv_bias);
+  }
+  h = at::layer_norm(h, {E}, entry(sd, "norm.weight"), entry(sd, "norm.bias"), 1e-5);
+  h = at::linear(h, entry(sd, "decoder_embed.weight"), entry(sd, "decoder_embed.bias"));
+  auto full = entry(sd, "mask_tokens").expand({B, N, Ed}).scatter(1, visible.unsqueeze(-1).expand({B, K, Ed}),
+                                                                   h.slice(1, 1));
+  h = at::cat({h.slice(1, 0, 1), full + entry(sd, "decoder_pos_embedding")}, 1);
+  for (int64_t j = 0; j < m.decoder_num_layers; ++j) {
+    h = reference_block(sd, "decoder_blocks." + std::to_string(j) + ".", h, m.decoder_num_heads, m.qkv_bias);
+  }
+  h = at::layer_norm(h, {Ed}, entry(sd, "decoder_norm.weight"), entry(sd, "decoder_norm.bias"), 1e-5);
+  return at::linear(h, entry(sd, "decoder_pred.weight"), entry(sd, "decoder_pred.bias")).slice(1, 1);
+}
+
+at::Tensor reverse_axes(const at::Tensor& x) { return x.permute({0, 1, 4, 3, 2}).contiguous(); }
+
+bool close(const at::Tensor& a, const at::Tensor& b) {
+  const bool ok = a.sizes() == b.sizes() && at::allclose(a, b, /*rtol=*/1e-5, /*atol=*/1e-5);
+  if (!ok && a.sizes() == b.sizes()) ADD_FAILURE() << "max |diff| " << (a - b).abs().max().item<double>();
+  return ok;
+}
+
+TEST_F(Export, MonaiAxisOrderVitMatchesEncode) {
+  for (const std::string proj : {"conv", "perceptron"}) {
+    SCOPED_TRACE(proj);
+    const auto c = axis_config(proj);
+    const Shape grid{4, 3, 2}, patch{4, 8, 16}, patch_monai{16, 8, 4};
+    auto model = build(c);
+    torch::NoGradGuard g;
+    const auto x = at::randn({2, 1, 16, 24, 32});
+    const auto ours = model->encode(x);
+    ASSERT_EQ(ours.sizes().vec(), Shape({2, 24, 48}));
+
+    const auto monai = mae::monai_state_dict(*model, {mae::ExportFormat::monai_vit, true});
+    expect_same_keys(key_list(monai), expected_keys(c.model, mae::ExportFormat::monai_vit, true));
+    EXPECT_TRUE(close(reference_vit(monai, reverse_axes(x), patch_monai, c.model), monai_tokens(ours, grid)));
+
+    const auto native = mae::monai_state_dict(*model, {mae::ExportFormat::monai_vit, true, mae::AxisOrder::native});
+    expect_same_keys(key_list(native), expected_keys(c.model, mae::ExportFormat::monai_vit, true, false));
+    EXPECT_TRUE(close(reference_vit(native, x, patch, c.model), ours));
+    // The order-free weights are the same in both.
+    EXPECT_TRUE(entry(monai, "blocks.1.attn.qkv.weight").equal(entry(native, "blocks.1.attn.qkv.weight")));
+    EXPECT_TRUE(entry(monai, "norm.bias").equal(entry(native, "norm.bias")));
+    EXPECT_FALSE(entry(monai, "patch_embedding.position_embeddings")
+                     .equal(entry(native, "patch_embedding.position_embeddings")));
+  }
+}
+
+TEST_F(Export, MonaiAxisOrderMaeMatchesForward) {
+  for (const std::string proj : {"conv", "perceptron"}) {
+    SCOPED_TRACE(proj);
+    const auto c = axis_config(proj);
+    const Shape grid{4, 3, 2}, patch{4, 8, 16}, patch_monai{16, 8, 4};
+    auto model = build(c);
+    torch::NoGradGuard g;
+    const auto x = at::randn({2, 1, 16, 24, 32});
+    const auto visible =
+        at::stack({at::randperm(24, at::kLong).slice(0, 0, 6), at::randperm(24, at::kLong).slice(0, 0, 6)});
+    const auto ours = model->forward_visible(x, visible).pred;
+    ASSERT_EQ(ours.sizes().vec(), Shape({2, 24, 512}));
+
+    // Our token t sits at MONAI raster position where_monai[t].
+    const auto where_monai = at::argsort(monai_tokens(at::arange(24, at::kLong).view({1, 24, 1}), grid).flatten());
+    const auto visible_monai = where_monai.index_select(0, visible.flatten()).view(visible.sizes());
+    const auto monai = mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, false});
+    expect_same_keys(key_list(monai), expected_keys(c.model, mae::ExportFormat::monai_mae, false));
+    const auto want = monai_voxels(monai_tokens(ours, grid), patch, 1);
+    EXPECT_TRUE(close(reference_mae(monai, reverse_axes(x), patch_monai, c.model, visible_monai), want));
+    // That prediction is patch-for-patch MONAI's (p1 p2 p3 c) patchify of the reversed input.
+    EXPECT_TRUE(monai_voxels(monai_tokens(model->target(x), grid), patch, 1)
+                    .equal(rearrange_patches(reverse_axes(x), patch_monai)));
+
+    const auto native = mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, false, mae::AxisOrder::native});
+    EXPECT_TRUE(close(reference_mae(native, x, patch, c.model, visible), ours));
+    EXPECT_TRUE(entry(native, "decoder_pred.weight").equal(param(*model, "decoder_pred.weight")));
+  }
+}
+
+TEST_F(Export, MonaiAxisOrderDescription) {
+  TempDir dir;
+  auto c = axis_config("conv");
+  c.data.orientation = "RAS";
+  auto model = build(c);
+  write_checkpoint(dir / "run", c, model);
+  mae::export_checkpoint(dir / "run", dir / "m.pt", {mae::ExportFormat::monai_vit, true});
+  mae::export_checkpoint(dir / "run", dir / "n.pt", {mae::ExportFormat::monai_vit, true, mae::AxisOrder::native});
+  std::ifstream in_m(dir / "m.json"), in_n(dir / "n.json");
+  const auto m = nlohmann::json::parse(in_m), n = nlohmann::json::parse(in_n);
+  EXPECT_EQ(m["axis_order"]["order"], "monai");
+  EXPECT_EQ(n["axis_order"]["order"], "native");
+  EXPECT_EQ(m["architecture"]["img_size"], Shape({32, 24, 16}));
+  EXPECT_EQ(m["architecture"]["patch_size"], Shape({16, 8, 4}));
+  EXPECT_EQ(m["architecture"]["grid"], Shape({2, 3, 4}));
+  EXPECT_EQ(m["preprocessing"]["input_size"], Shape({32, 24, 16}));
+  EXPECT_EQ(n["architecture"]["img_size"], Shape({16, 24, 32}));
+  EXPECT_EQ(n["architecture"]["patch_size"], Shape({4, 8, 16}));
+  const auto ctor = m["monai"]["constructor"].get<std::string>();
+  EXPECT_NE(ctor.find("img_size=(32, 24, 16), patch_size=(16, 8, 4)"), std::string::npos) << ctor;
+  const auto ctor_n = n["monai"]["constructor"].get<std::string>();
+  EXPECT_NE(ctor_n.find("img_size=(16, 24, 32), patch_size=(4, 8, 16)"), std::string::npos) << ctor_n;
+  // monai: MONAI's arrays after Orientationd, no transpose; native: keeps the note to reverse the axes.
+  const auto input = m["axis_order"]["input"].get<std::string>();
+  EXPECT_NE(input.find("(B, C, i, j, k)"), std::string::npos) << input;
+  EXPECT_NE(input.find("Orientationd(axcodes=\"RAS\")"), std::string::npos) << input;
+  EXPECT_NE(n["axis_order"]["input"].get<std::string>().find("reverse the spatial axes"), std::string::npos);
+  EXPECT_EQ(m["preprocessing"]["monai_transforms_approximate"].dump().find("Transposed"), std::string::npos);
+  EXPECT_NE(n["preprocessing"]["monai_transforms_approximate"].dump().find("Transposed"), std::string::npos);
+  EXPECT_NE(m["monai"]["load"].get<std::string>().find(", i, j, k)"), std::string::npos);
+  const auto t = mae::load_tensor_dict(dir / "m.pt");
+  EXPECT_EQ(entry(t, "patch_embedding.patch_embeddings.weight").sizes().vec(), Shape({48, 1, 16, 8, 4}));
 }
 
 // --- UNETR ------------------------------------------------------------------------------------
@@ -499,6 +705,44 @@ TEST_F(Export, EncodeVolumeMatchesEncodePerWindow) {
   EXPECT_THROW(mae::encode_volume(*model, volume, 1.0), mae::ConfigError);
 }
 
+TEST_F(Export, FeaturesInBothAxisOrders) {
+  TempDir dir;
+  auto c = axis_config("conv");
+  c.data.intensity.mode = "zscore_nonzero";
+  auto model = build(c);
+  write_checkpoint(dir / "run", c, model);
+  mae::Volume v;
+  v.data = (at::rand({1, 34, 40, 40}) * 100).contiguous();
+  v.spacing = {1.0, 1.0, 1.0};
+  mae::write_volume(v, dir / "vol.nii.gz");
+  mae::export_features(dir / "run", dir / "vol.nii.gz", dir / "m.pt", 0.5);
+  mae::export_features(dir / "run", dir / "vol.nii.gz", dir / "n.pt", 0.5, mae::AxisOrder::native);
+  const auto m = mae::load_tensor_dict(dir / "m.pt"), n = mae::load_tensor_dict(dir / "n.pt");
+  const auto wm = entry(m, "windows"), wn = entry(n, "windows");
+  const int64_t W = wn.size(0);
+  EXPECT_GT(W, 1);
+  EXPECT_EQ(wn.sizes().vec(), Shape({W, 1, 16, 24, 32}));
+  EXPECT_EQ(wm.sizes().vec(), Shape({W, 1, 32, 24, 16}));
+  EXPECT_TRUE(wm.equal(reverse_axes(wn)));
+  EXPECT_TRUE(entry(m, "origins").equal(entry(n, "origins").flip({1})));
+  EXPECT_TRUE(entry(m, "tokens").equal(monai_tokens(entry(n, "tokens"), {4, 3, 2})));
+  EXPECT_TRUE(entry(m, "pooled").equal(entry(n, "pooled")));
+  // A ViT exported in the same order reproduces each file's tokens from its windows.
+  torch::NoGradGuard g;
+  const auto vit_m = mae::monai_state_dict(*model, {mae::ExportFormat::monai_vit, false});
+  const auto vit_n = mae::monai_state_dict(*model, {mae::ExportFormat::monai_vit, false, mae::AxisOrder::native});
+  EXPECT_TRUE(close(reference_vit(vit_m, wm, {16, 8, 4}, c.model), entry(m, "tokens")));
+  EXPECT_TRUE(close(reference_vit(vit_n, wn, {4, 8, 16}, c.model), entry(n, "tokens")));
+  std::ifstream in_m(dir / "m.json"), in_n(dir / "n.json");
+  const auto jm = nlohmann::json::parse(in_m), jn = nlohmann::json::parse(in_n);
+  EXPECT_EQ(jm["axis_order"]["order"], "monai");
+  EXPECT_EQ(jn["axis_order"]["order"], "native");
+  EXPECT_EQ(jm["grid"], Shape({2, 3, 4}));
+  EXPECT_EQ(jn["grid"], Shape({4, 3, 2}));
+  EXPECT_EQ(jm["shapes"]["windows"], Shape({W, 1, 32, 24, 16}));
+  EXPECT_EQ(jm["preprocessed"]["shape_cijk"], Shape({1, 40, 40, 34}));
+}
+
 TEST_F(Export, FeaturesFileFromVolume) {
   TempDir dir;
   auto c = small_config();
@@ -527,12 +771,14 @@ TEST_F(Export, FeaturesFileFromVolume) {
   // Preprocessed as training did: z-scored over nonzero voxels, so the windows are not the raw values.
   EXPECT_LT(windows.abs().max().item<float>(), 10.0f);
   torch::NoGradGuard g;
-  EXPECT_TRUE(at::allclose(tokens, model->encode(windows), 1e-5, 1e-6));
+  // MONAI's axis order by default: windows (W, C, i, j, k), tokens in the (i, j, k) raster.
+  EXPECT_TRUE(at::allclose(tokens, monai_tokens(model->encode(reverse_axes(windows)), {4, 4, 4}), 1e-5, 1e-6));
   std::ifstream in(r.json_path);
   const auto j = nlohmann::json::parse(in);
   EXPECT_EQ(j["shapes"]["tokens"], Shape({4, 64, 48}));
   EXPECT_EQ(j["checkpoint"]["step"], 7);
   EXPECT_EQ(j["preprocessing"]["intensity"]["mode"], "zscore_nonzero");
+  EXPECT_EQ(j["axis_order"]["order"], "monai");
 
   // A volume smaller than the window is an InputError giving both sizes.
   v.data = at::rand({1, 20, 40, 40});
