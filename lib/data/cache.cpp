@@ -158,11 +158,18 @@ uint64_t cache_key(const DatasetEntry& entry, const DataConfig& c) {
       for (const auto& f : files) s += "|" + file_facts(f);
     } else {
       s += "|" + file_facts(abs);
-      // A MetaImage/Analyze header's data file changes without the header changing.
-      for (const char* data_ext : {".raw", ".zraw", ".img"}) {
-        fs::path d = abs;
-        d.replace_extension(data_ext);
-        if (d != abs && fs::exists(d, ec)) s += "|" + file_facts(d);
+      // A MetaImage/NRRD/Analyze header's data file (x.raw, x.zraw, x.raw.gz, x.img, x.img.gz, ...)
+      // changes without the header changing: every file beside it with the header's stem counts.
+      const std::string ext = abs.extension().string();
+      if (ext == ".mhd" || ext == ".nhdr" || ext == ".hdr") {
+        const std::string prefix = abs.stem().string() + ".";
+        std::vector<fs::path> data_files;
+        for (const auto& it : fs::directory_iterator(abs.parent_path(), ec)) {
+          const std::string name = it.path().filename().string();
+          if (it.path() != abs && it.is_regular_file() && name.rfind(prefix, 0) == 0) data_files.push_back(it.path());
+        }
+        std::sort(data_files.begin(), data_files.end());
+        for (const auto& d : data_files) s += "|" + file_facts(d);
       }
     }
   }

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -214,7 +215,19 @@ Loader::Loader(std::vector<DatasetEntry> entries, DataConfig config, LoaderOptio
   }
   m.pad = pad_value(m.config.intensity);
   m.next_claim = m.next_deliver = start.epoch * m.bpe + start.batch;
-  for (int i = 0; i < m.config.workers; ++i) m.workers.emplace_back([&m] { m.worker(); });
+  try {
+    for (int i = 0; i < m.config.workers; ++i) m.workers.emplace_back([&m] { m.worker(); });
+  } catch (const std::system_error& e) {
+    // The destructor does not run for a constructor that throws: stop and join what started.
+    {
+      std::lock_guard<std::mutex> lock(m.mu);
+      m.stop = true;
+    }
+    m.cv_work.notify_all();
+    for (auto& t : m.workers) t.join();
+    throw Error("cannot start " + std::to_string(m.config.workers) + " loader threads (\"data.workers\"): " +
+                e.what());
+  }
 }
 
 Loader::~Loader() {
