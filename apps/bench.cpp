@@ -21,9 +21,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -63,22 +61,40 @@ mae::MaskedAutoencoderOptions preset_options(const std::string& name, int64_t& b
   if (name == "A") {
     batch = 2;
     return mae::MaskedAutoencoderOptions(1, {96, 96, 96}, {16, 16, 16})
-        .hidden_size(768).mlp_dim(3072).num_layers(12).num_heads(12)
-        .decoder_hidden_size(384).decoder_mlp_dim(512).decoder_num_layers(4).decoder_num_heads(12)
+        .hidden_size(768)
+        .mlp_dim(3072)
+        .num_layers(12)
+        .num_heads(12)
+        .decoder_hidden_size(384)
+        .decoder_mlp_dim(512)
+        .decoder_num_layers(4)
+        .decoder_num_heads(12)
         .masking_ratio(0.75);
   }
   if (name == "B") {
     batch = 4;
     return mae::MaskedAutoencoderOptions(1, {64, 64, 64}, {16, 16, 16})
-        .hidden_size(384).mlp_dim(1536).num_layers(6).num_heads(6)
-        .decoder_hidden_size(384).decoder_mlp_dim(512).decoder_num_layers(4).decoder_num_heads(12)
+        .hidden_size(384)
+        .mlp_dim(1536)
+        .num_layers(6)
+        .num_heads(6)
+        .decoder_hidden_size(384)
+        .decoder_mlp_dim(512)
+        .decoder_num_layers(4)
+        .decoder_num_heads(12)
         .masking_ratio(0.75);
   }
   if (name == "tiny") {
     batch = 2;
     return mae::MaskedAutoencoderOptions(1, {32, 32, 32}, {8, 8, 8})
-        .hidden_size(96).mlp_dim(192).num_layers(2).num_heads(4)
-        .decoder_hidden_size(48).decoder_mlp_dim(96).decoder_num_layers(1).decoder_num_heads(4);
+        .hidden_size(96)
+        .mlp_dim(192)
+        .num_layers(2)
+        .num_heads(4)
+        .decoder_hidden_size(48)
+        .decoder_mlp_dim(96)
+        .decoder_num_layers(1)
+        .decoder_num_heads(4);
   }
   throw mae::ConfigError("--preset \"" + name + "\" is not a preset; choose A, B or tiny");
 }
@@ -134,11 +150,12 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
   for (const auto& p : model->parameters()) params += p.numel();
   std::ostringstream os;
   os << std::setprecision(4) << "{\"preset\": \"" << name << "\", \"batch\": " << batch
-     << ", \"threads\": " << at::get_num_threads() << ", \"device\": \"" << s.device << "\", \"params_m\": "
-     << static_cast<double>(params) / 1e6 << ", \"fwd_s\": " << median(fwd) << ", \"bwd_s\": " << median(bwd)
-     << ", \"optim_s\": " << median(opt) << ", \"step_s\": " << step_s << ", \"step_gflop\": " << step_gflop
-     << ", \"gflops\": " << gflops << ", \"matmul_gflops\": " << mm_gflops << ", \"mfu\": " << gflops / mm_gflops
-     << ", \"peak_rss_mb\": " << peak_rss_mb() << ", \"iters\": " << s.iters << "}";
+     << ", \"threads\": " << at::get_num_threads() << ", \"device\": \"" << s.device
+     << "\", \"params_m\": " << static_cast<double>(params) / 1e6 << ", \"fwd_s\": " << median(fwd)
+     << ", \"bwd_s\": " << median(bwd) << ", \"optim_s\": " << median(opt) << ", \"step_s\": " << step_s
+     << ", \"step_gflop\": " << step_gflop << ", \"gflops\": " << gflops << ", \"matmul_gflops\": " << mm_gflops
+     << ", \"mfu\": " << gflops / mm_gflops << ", \"peak_rss_mb\": " << peak_rss_mb() << ", \"iters\": " << s.iters
+     << "}";
   return os.str();
 }
 

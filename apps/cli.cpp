@@ -13,7 +13,8 @@
 namespace mae {
 
 void add_common_flags(CLI::App& app, CommonFlags& flags) {
-  app.add_option("--threads", flags.threads, "intra-op threads (0 = all hardware threads)")->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", flags.threads, "intra-op threads (0 = all hardware threads)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--log-level", flags.log_level, "trace, debug, info, warn, error or off")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
 }

@@ -11,8 +11,8 @@ namespace mae {
 
 /// Flags every program has.
 struct CommonFlags {
-  int threads = 0;                ///< intra-op threads, 0 = all hardware threads
-  std::string log_level = "info"; ///< trace | debug | info | warn | error | off
+  int threads = 0;                 ///< intra-op threads, 0 = all hardware threads
+  std::string log_level = "info";  ///< trace | debug | info | warn | error | off
 };
 
 /// Adds --threads and --log-level to `app`.

@@ -19,9 +19,10 @@ int main(int argc, char** argv) {
   app.add_option("--config,-c", config_path, "run config (JSON); see configs/README.md")->required();
   app.add_option("--set", overrides, "override a config key, e.g. --set train.lr=2e-4 (repeatable)")
       ->allow_extra_args(false);
-  auto* resume = app.add_option("--resume", resume_path,
-                                "continue from the run folder's latest checkpoint, or from PATH (checkpoint or run folder)")
-                     ->expected(0, 1);
+  auto* resume =
+      app.add_option("--resume", resume_path,
+                     "continue from the run folder's latest checkpoint, or from PATH (checkpoint or run folder)")
+          ->expected(0, 1);
   app.add_flag("--print-config", print_config, "print the resolved config and exit");
   app.add_flag("--dry-run", dry_run, "check config and data, build the model, and exit");
   app.add_flag("--check-data", check_data, "read every listed volume once, report each, exit 2 if any failed");

@@ -1,5 +1,5 @@
-// Process set-up for compute: intra-op threads and the allocator. Debian's LibTorch starts with one thread on some machines, so every
-// program sets the count explicitly.
+// Process set-up for compute: intra-op threads and the allocator. Debian's LibTorch starts with one thread on some
+// machines, so every program sets the count explicitly.
 #pragma once
 
 namespace mae {

@@ -8,11 +8,11 @@ namespace {
 
 // One transformer block over `tokens` tokens of width w: qkv, scores, scores·v, out_proj, MLP.
 double block_flops(double tokens, double w, double mlp) {
-  return 2.0 * tokens * w * 3.0 * w      // qkv
-         + 2.0 * tokens * tokens * w     // q·kᵀ over all heads
-         + 2.0 * tokens * tokens * w     // att·v
-         + 2.0 * tokens * w * w          // out_proj
-         + 2.0 * 2.0 * tokens * w * mlp; // linear1 + linear2
+  return 2.0 * tokens * w * 3.0 * w       // qkv
+         + 2.0 * tokens * tokens * w      // q·kᵀ over all heads
+         + 2.0 * tokens * tokens * w      // att·v
+         + 2.0 * tokens * w * w           // out_proj
+         + 2.0 * 2.0 * tokens * w * mlp;  // linear1 + linear2
 }
 
 }  // namespace

@@ -34,9 +34,7 @@ torch::Tensor norm_in_weight_dtype(torch::nn::LayerNorm& norm, const torch::Tens
 }
 
 // Truncated normal N(0, std) on [-2, 2], as MONAI's trunc_normal_ with a = -2, b = 2.
-void trunc_normal_(torch::Tensor t, double std) {
-  t.normal_(0.0, std).clamp_(-2.0, 2.0);
-}
+void trunc_normal_(torch::Tensor t, double std) { t.normal_(0.0, std).clamp_(-2.0, 2.0); }
 
 }  // namespace
 
@@ -58,7 +56,9 @@ void MaskedAutoencoderOptions::validate() const {
   require(in_channels_ >= 1, "in_channels = " + std::to_string(in_channels_) + " must be at least 1");
   require(img_size_.size() == 2 || img_size_.size() == 3,
           "img_size = " + sizes_str(img_size_) + " must have 2 or 3 entries (2D or 3D)");
-  require(patch_size_.size() == img_size_.size(), "patch_size = " + sizes_str(patch_size_) + " must have as many entries as img_size = " + sizes_str(img_size_));
+  require(
+      patch_size_.size() == img_size_.size(),
+      "patch_size = " + sizes_str(patch_size_) + " must have as many entries as img_size = " + sizes_str(img_size_));
   for (size_t i = 0; i < img_size_.size(); ++i) {
     require(img_size_[i] >= 1, "img_size = " + sizes_str(img_size_) + " must be positive");
     require(patch_size_[i] >= 1, "patch_size = " + sizes_str(patch_size_) + " must be positive");
@@ -172,7 +172,7 @@ void MaskedAutoencoderImpl::reset() {
     proj_bias_ = linear->bias;
   }
   position_embeddings_ = pe->register_parameter("position_embeddings", torch::zeros({1, N, E}),
-                                                 /*requires_grad=*/o.pos_embed_type() == "learnable");
+                                                /*requires_grad=*/o.pos_embed_type() == "learnable");
 
   auto blocks = register_module("blocks", torch::nn::ModuleList());
   blocks_.clear();
@@ -238,8 +238,8 @@ void MaskedAutoencoderImpl::check_input(const torch::Tensor& x) const {
   if (!ok) {
     std::string want = "(B, " + std::to_string(o.in_channels());
     for (int64_t s : o.img_size()) want += ", " + std::to_string(s);
-    throw InputError("MaskedAutoencoder: input of shape " + sizes_str(x.sizes().vec()) + " does not match the model's " +
-                     want + ") (in_channels and img_size)");
+    throw InputError("MaskedAutoencoder: input of shape " + sizes_str(x.sizes().vec()) +
+                     " does not match the model's " + want + ") (in_channels and img_size)");
   }
 }
 
@@ -316,8 +316,8 @@ std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>> decay_groups(c
     const auto& p = item.value();
     if (!p.requires_grad()) continue;
     const bool is_token = name == "cls_token" || name == "mask_tokens";
-    const bool is_position = name.find("position_embeddings") != std::string::npos ||
-                             name.find("pos_embedding") != std::string::npos;
+    const bool is_position =
+        name.find("position_embeddings") != std::string::npos || name.find("pos_embedding") != std::string::npos;
     (p.dim() <= 1 || is_token || is_position ? no_decay : decay).push_back(p);
   }
   return {decay, no_decay};

@@ -35,24 +35,23 @@ struct MaskedAutoencoderOptions {
   /// Throws ConfigError naming the option and value for any invalid combination.
   void validate() const;
 
-  TORCH_ARG(int64_t, in_channels);                        ///< image channels C
-  TORCH_ARG(std::vector<int64_t>, img_size);              ///< image size per axis, each divisible by the patch
-  TORCH_ARG(std::vector<int64_t>, patch_size);            ///< patch size per axis
-  TORCH_ARG(int64_t, hidden_size) = 768;                  ///< encoder width E
-  TORCH_ARG(int64_t, mlp_dim) = 3072;                     ///< encoder MLP width
-  TORCH_ARG(int64_t, num_layers) = 12;                    ///< encoder transformer blocks
-  TORCH_ARG(int64_t, num_heads) = 12;                     ///< encoder attention heads (divide E)
-  TORCH_ARG(double, masking_ratio) = 0.75;                ///< share of patches masked, in (0, 1)
-  TORCH_ARG(int64_t, decoder_hidden_size) = 384;          ///< decoder width Ed
-  TORCH_ARG(int64_t, decoder_mlp_dim) = 512;              ///< decoder MLP width
-  TORCH_ARG(int64_t, decoder_num_layers) = 4;             ///< decoder transformer blocks
-  TORCH_ARG(int64_t, decoder_num_heads) = 12;             ///< decoder attention heads (divide Ed)
-  TORCH_ARG(std::string, proj_type) = "conv";             ///< patch projection: "conv" | "perceptron"
-  TORCH_ARG(std::string, pos_embed_type) = "sincos";      ///< encoder positions: "sincos" | "learnable" | "none"
+  TORCH_ARG(int64_t, in_channels);                            ///< image channels C
+  TORCH_ARG(std::vector<int64_t>, img_size);                  ///< image size per axis, each divisible by the patch
+  TORCH_ARG(std::vector<int64_t>, patch_size);                ///< patch size per axis
+  TORCH_ARG(int64_t, hidden_size) = 768;                      ///< encoder width E
+  TORCH_ARG(int64_t, mlp_dim) = 3072;                         ///< encoder MLP width
+  TORCH_ARG(int64_t, num_layers) = 12;                        ///< encoder transformer blocks
+  TORCH_ARG(int64_t, num_heads) = 12;                         ///< encoder attention heads (divide E)
+  TORCH_ARG(double, masking_ratio) = 0.75;                    ///< share of patches masked, in (0, 1)
+  TORCH_ARG(int64_t, decoder_hidden_size) = 384;              ///< decoder width Ed
+  TORCH_ARG(int64_t, decoder_mlp_dim) = 512;                  ///< decoder MLP width
+  TORCH_ARG(int64_t, decoder_num_layers) = 4;                 ///< decoder transformer blocks
+  TORCH_ARG(int64_t, decoder_num_heads) = 12;                 ///< decoder attention heads (divide Ed)
+  TORCH_ARG(std::string, proj_type) = "conv";                 ///< patch projection: "conv" | "perceptron"
+  TORCH_ARG(std::string, pos_embed_type) = "sincos";          ///< encoder positions: "sincos" | "learnable" | "none"
   TORCH_ARG(std::string, decoder_pos_embed_type) = "sincos";  ///< decoder positions: same choices
-  TORCH_ARG(double, dropout_rate) = 0.0;                  ///< dropout in [0, 1]
-  TORCH_ARG(bool, qkv_bias) = false;                      ///< bias on the fused qkv projection
-
+  TORCH_ARG(double, dropout_rate) = 0.0;                      ///< dropout in [0, 1]
+  TORCH_ARG(bool, qkv_bias) = false;                          ///< bias on the fused qkv projection
 };
 
 /// Pre-norm transformer block, names as MONAI's TransformerBlock: norm1, attn.qkv, attn.out_proj,
@@ -66,9 +65,9 @@ class TransformerBlockImpl : public torch::nn::Module {
   /// x: (B, T, width) -> (B, T, width).
   torch::Tensor forward(const torch::Tensor& x);
 
-  torch::nn::LayerNorm norm1{nullptr}, norm2{nullptr};  ///< pre-norms of attention and MLP
-  torch::nn::Linear qkv{nullptr}, out_proj{nullptr};    ///< fused q,k,v projection and output projection
-  torch::nn::Linear linear1{nullptr}, linear2{nullptr}; ///< MLP layers (exact GELU between)
+  torch::nn::LayerNorm norm1{nullptr}, norm2{nullptr};   ///< pre-norms of attention and MLP
+  torch::nn::Linear qkv{nullptr}, out_proj{nullptr};     ///< fused q,k,v projection and output projection
+  torch::nn::Linear linear1{nullptr}, linear2{nullptr};  ///< MLP layers (exact GELU between)
 
  private:
   int64_t width_, mlp_dim_, heads_;
@@ -79,8 +78,8 @@ TORCH_MODULE(TransformerBlock);
 
 /// Result of MaskedAutoencoder::forward.
 struct MaeOutput {
-  torch::Tensor pred;  ///< (B, N, prod(patch)·C) predicted voxels of every patch
-  torch::Tensor mask;  ///< (B, N) float, 1 = masked, 0 = visible
+  torch::Tensor pred;     ///< (B, N, prod(patch)·C) predicted voxels of every patch
+  torch::Tensor mask;     ///< (B, N) float, 1 = masked, 0 = visible
   torch::Tensor visible;  ///< (B, keep) int64 indices of the visible patches, in draw order
 };
 

@@ -20,8 +20,8 @@ int64_t product(const std::vector<int64_t>& v) {
 at::Tensor split_patches(const at::Tensor& x, const std::vector<int64_t>& patch_size) {
   const int64_t dims = static_cast<int64_t>(patch_size.size());
   if (x.dim() != dims + 2) {
-    throw InputError("patchify: expected a (B, C, " + std::string(dims == 3 ? "D, H, W" : "H, W") +
-                     ") tensor, got " + std::to_string(x.dim()) + " dimensions");
+    throw InputError("patchify: expected a (B, C, " + std::string(dims == 3 ? "D, H, W" : "H, W") + ") tensor, got " +
+                     std::to_string(x.dim()) + " dimensions");
   }
   std::vector<int64_t> shape{x.size(0), x.size(1)};
   for (int64_t i = 0; i < dims; ++i) {
@@ -73,7 +73,8 @@ at::Tensor unpatchify(const at::Tensor& patches, const std::vector<int64_t>& img
   const int64_t B = patches.size(0);
   if (patches.dim() != 3 || patches.size(1) != product(grid) || patches.size(2) != product(patch_size) * channels) {
     throw InputError("unpatchify: expected (B, " + std::to_string(product(grid)) + ", " +
-                     std::to_string(product(patch_size) * channels) + ") patches, got " + sizes_str(patches.sizes().vec()));
+                     std::to_string(product(patch_size) * channels) + ") patches, got " +
+                     sizes_str(patches.sizes().vec()));
   }
   std::vector<int64_t> shape{B};
   shape.insert(shape.end(), grid.begin(), grid.end());

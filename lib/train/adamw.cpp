@@ -31,8 +31,8 @@ void update_range(float* __restrict p, const float* __restrict g, float* __restr
   }
 }
 
-void fused_update(float* p, const float* g, float* m, float* v, int64_t n, float decay_factor, float beta1,
-                  float beta2, float step_size, float inv_sqrt_bc2, float eps) {
+void fused_update(float* p, const float* g, float* m, float* v, int64_t n, float decay_factor, float beta1, float beta2,
+                  float step_size, float inv_sqrt_bc2, float eps) {
   at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
     update_range(p + begin, g + begin, m + begin, v + begin, end - begin, decay_factor, beta1, beta2, step_size,
                  inv_sqrt_bc2, eps);

@@ -9,8 +9,8 @@
 //   meta.json           format, versions, step, diverged flag, validation loss
 #pragma once
 
-#include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
+#include <nlohmann/json.hpp>
 
 #include <map>
 #include <optional>
@@ -26,11 +26,11 @@ constexpr int kCheckpointFormatVersion = 1;
 
 /// What a checkpoint records besides tensors.
 struct CheckpointInfo {
-  int64_t step = 0;                 ///< optimizer steps done
-  nlohmann::json config;            ///< resolved run config
-  nlohmann::json trainer_state;     ///< step, loader position, counters
-  bool diverged = false;            ///< written because the loss became non-finite
-  std::optional<double> val_loss;   ///< validation loss at this step, when measured
+  int64_t step = 0;                ///< optimizer steps done
+  nlohmann::json config;           ///< resolved run config
+  nlohmann::json trainer_state;    ///< step, loader position, counters
+  bool diverged = false;           ///< written because the loss became non-finite
+  std::optional<double> val_loss;  ///< validation loss at this step, when measured
 };
 
 /// Folder name of the checkpoint of `step` ("step_00000123").

@@ -71,8 +71,8 @@ void read_train(JsonReader r, TrainConfig& t) {
     throw ConfigError("\"train.max_steps\" and \"train.epochs\" are both 0; set one of them");
   }
   if (t.lr && t.lr_min > *t.lr) {
-    throw ConfigError("\"train.lr_min\" = " + std::to_string(t.lr_min) + " is larger than \"train.lr\" = " +
-                      std::to_string(*t.lr));
+    throw ConfigError("\"train.lr_min\" = " + std::to_string(t.lr_min) +
+                      " is larger than \"train.lr\" = " + std::to_string(*t.lr));
   }
 }
 
@@ -134,7 +134,8 @@ void apply_overrides(nlohmann::json& tree, const std::vector<std::string>& overr
         (*node)[names[i]] = value;
       } else {
         if (!node->contains(names[i]) || (*node)[names[i]].is_null()) (*node)[names[i]] = nlohmann::json::object();
-        if (!(*node)[names[i]].is_object()) throw ConfigError("--set \"" + item + "\": \"" + path + "\" is not a section");
+        if (!(*node)[names[i]].is_object())
+          throw ConfigError("--set \"" + item + "\": \"" + path + "\" is not a section");
         node = &(*node)[names[i]];
       }
     }

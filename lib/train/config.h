@@ -19,47 +19,47 @@ namespace mae {
 
 /// The `model` section: MaskedAutoencoderOptions under the same names, plus the loss option.
 struct ModelConfig {
-  int64_t in_channels = 1;                          ///< image channels (must match the data)
-  std::vector<int64_t> img_size{96, 96, 96};        ///< crop / model input size (D, H, W)
-  std::vector<int64_t> patch_size{16, 16, 16};      ///< patch size (D, H, W)
-  int64_t hidden_size = 768;                        ///< encoder width
-  int64_t mlp_dim = 3072;                           ///< encoder MLP width
-  int64_t num_layers = 12;                          ///< encoder blocks
-  int64_t num_heads = 12;                           ///< encoder heads
-  double masking_ratio = 0.75;                      ///< share of patches masked
-  int64_t decoder_hidden_size = 384;                ///< decoder width
-  int64_t decoder_mlp_dim = 512;                    ///< decoder MLP width
-  int64_t decoder_num_layers = 4;                   ///< decoder blocks
-  int64_t decoder_num_heads = 12;                   ///< decoder heads
-  std::string proj_type = "conv";                   ///< "conv" | "perceptron"
-  std::string pos_embed_type = "sincos";            ///< "sincos" | "learnable" | "none"
-  std::string decoder_pos_embed_type = "sincos";    ///< "sincos" | "learnable" | "none"
-  double dropout_rate = 0.0;                        ///< dropout in [0, 1]
-  bool qkv_bias = false;                            ///< bias on the qkv projection
-  bool norm_pix_loss = false;                       ///< normalise each target patch (MAE paper option)
+  int64_t in_channels = 1;                        ///< image channels (must match the data)
+  std::vector<int64_t> img_size{96, 96, 96};      ///< crop / model input size (D, H, W)
+  std::vector<int64_t> patch_size{16, 16, 16};    ///< patch size (D, H, W)
+  int64_t hidden_size = 768;                      ///< encoder width
+  int64_t mlp_dim = 3072;                         ///< encoder MLP width
+  int64_t num_layers = 12;                        ///< encoder blocks
+  int64_t num_heads = 12;                         ///< encoder heads
+  double masking_ratio = 0.75;                    ///< share of patches masked
+  int64_t decoder_hidden_size = 384;              ///< decoder width
+  int64_t decoder_mlp_dim = 512;                  ///< decoder MLP width
+  int64_t decoder_num_layers = 4;                 ///< decoder blocks
+  int64_t decoder_num_heads = 12;                 ///< decoder heads
+  std::string proj_type = "conv";                 ///< "conv" | "perceptron"
+  std::string pos_embed_type = "sincos";          ///< "sincos" | "learnable" | "none"
+  std::string decoder_pos_embed_type = "sincos";  ///< "sincos" | "learnable" | "none"
+  double dropout_rate = 0.0;                      ///< dropout in [0, 1]
+  bool qkv_bias = false;                          ///< bias on the qkv projection
+  bool norm_pix_loss = false;                     ///< normalise each target patch (MAE paper option)
 };
 
 /// The `train` section.
 struct TrainConfig {
-  int64_t batch_size = 2;            ///< crops per micro-batch
-  int64_t max_steps = 0;             ///< optimizer steps; 0 = epochs × steps per epoch
-  int64_t epochs = 100;              ///< used when max_steps is 0
-  std::optional<double> lr;          ///< absolute learning rate; null = base_lr × effective batch / 256
-  double base_lr = 1.5e-4;           ///< MAE paper rule: lr = base_lr × effective_batch / 256
-  double lr_min = 0.0;               ///< end of the cosine decay
-  int64_t lr_warmup_steps = 100;     ///< linear warmup from 0 to lr
-  double weight_decay = 0.05;        ///< AdamW decay (none on biases, norms, tokens, positions)
-  double beta1 = 0.9;                ///< AdamW β1
-  double beta2 = 0.95;               ///< AdamW β2
-  int64_t grad_accum_steps = 1;      ///< micro-batches per optimizer step
-  double grad_clip_norm = 0.0;       ///< clip the global gradient norm to this; 0 = off
-  std::string precision = "fp32";    ///< "fp32" | "bf16" (autocast, fp32 master weights)
-  int64_t log_every = 10;            ///< steps between metrics records and plain progress lines
-  int64_t checkpoint_every = 500;    ///< steps between checkpoints (and one at the end)
-  int64_t keep_last = 3;             ///< checkpoints kept (plus the best by validation loss)
-  int64_t val_every = 0;             ///< steps between validations; 0 = at every checkpoint
+  int64_t batch_size = 2;              ///< crops per micro-batch
+  int64_t max_steps = 0;               ///< optimizer steps; 0 = epochs × steps per epoch
+  int64_t epochs = 100;                ///< used when max_steps is 0
+  std::optional<double> lr;            ///< absolute learning rate; null = base_lr × effective batch / 256
+  double base_lr = 1.5e-4;             ///< MAE paper rule: lr = base_lr × effective_batch / 256
+  double lr_min = 0.0;                 ///< end of the cosine decay
+  int64_t lr_warmup_steps = 100;       ///< linear warmup from 0 to lr
+  double weight_decay = 0.05;          ///< AdamW decay (none on biases, norms, tokens, positions)
+  double beta1 = 0.9;                  ///< AdamW β1
+  double beta2 = 0.95;                 ///< AdamW β2
+  int64_t grad_accum_steps = 1;        ///< micro-batches per optimizer step
+  double grad_clip_norm = 0.0;         ///< clip the global gradient norm to this; 0 = off
+  std::string precision = "fp32";      ///< "fp32" | "bf16" (autocast, fp32 master weights)
+  int64_t log_every = 10;              ///< steps between metrics records and plain progress lines
+  int64_t checkpoint_every = 500;      ///< steps between checkpoints (and one at the end)
+  int64_t keep_last = 3;               ///< checkpoints kept (plus the best by validation loss)
+  int64_t val_every = 0;               ///< steps between validations; 0 = at every checkpoint
   std::string on_nonfinite = "error";  ///< "error": checkpoint marked diverged, stop; "skip": skip the batch
-  int64_t max_nonfinite = 100;       ///< with "skip": stop after this many skipped batches
+  int64_t max_nonfinite = 100;         ///< with "skip": stop after this many skipped batches
 };
 
 /// The `output` section.

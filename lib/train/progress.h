@@ -29,7 +29,8 @@ class Progress {
   static std::string format_duration(double seconds);
 
  private:
-  std::string line(int64_t step, double loss, double smoothed, double lr, double samples_per_s, double data_share) const;
+  std::string line(int64_t step, double loss, double smoothed, double lr, double samples_per_s,
+                   double data_share) const;
 
   int64_t total_, start_step_, log_every_;
   bool live_;

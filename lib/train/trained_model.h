@@ -11,9 +11,9 @@ namespace mae {
 
 /// A model with the config and checkpoint it came from.
 struct TrainedModel {
-  std::string dir;          ///< the checkpoint folder
-  int64_t step = 0;         ///< optimizer steps the checkpoint was taken after
-  Config config;            ///< the run's resolved config, as saved in the checkpoint
+  std::string dir;                   ///< the checkpoint folder
+  int64_t step = 0;                  ///< optimizer steps the checkpoint was taken after
+  Config config;                     ///< the run's resolved config, as saved in the checkpoint
   MaskedAutoencoder model{nullptr};  ///< weights loaded, in eval mode, on the CPU
 };
 

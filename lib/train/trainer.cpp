@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <csignal>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -54,8 +54,9 @@ torch::Device resolve_device(const std::string& name) {
   if (name == "cpu") return torch::kCPU;
   if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
   if (!torch::cuda::is_available()) {
-    throw ConfigError("\"device\" = \"" + name +
-                      "\": CUDA is not available (this LibTorch has no CUDA support or no GPU is visible); use \"cpu\"");
+    throw ConfigError(
+        "\"device\" = \"" + name +
+        "\": CUDA is not available (this LibTorch has no CUDA support or no GPU is visible); use \"cpu\"");
   }
   torch::Device d(name);
   if (d.has_index() && d.index() >= static_cast<int>(torch::cuda::device_count())) {
@@ -249,8 +250,8 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   std::error_code ec;
   fs::create_directories(run_dir, ec);
   if (ec || !fs::is_directory(run_dir)) {
-    throw IoError(run_dir.string() + ": cannot create the run folder (output.dir): " +
-                  (ec ? ec.message() : std::string("not a folder")));
+    throw IoError(run_dir.string() +
+                  ": cannot create the run folder (output.dir): " + (ec ? ec.message() : std::string("not a folder")));
   }
   if (::access(run_dir.c_str(), W_OK) != 0) throw IoError(run_dir.string() + ": the run folder is not writable");
   setup_logging(run_dir);
@@ -358,18 +359,20 @@ TrainResult train(const Config& config, const TrainOptions& options) {
     out << resolved.dump(2) << "\n";
     if (!out) throw IoError((run_dir / "config.json").string() + ": cannot write");
   }
-  spdlog::info("model: {:.2f} M parameters, {} patches of {} voxels, {} visible; device {}, {} threads",
-               [&] {
-                 double n = 0;
-                 for (const auto& p : model->parameters()) n += static_cast<double>(p.numel());
-                 return n / 1e6;
-               }(),
-               model->options().num_patches(), model->options().patch_dim(),
-               num_visible(model->options().num_patches(), config.model.masking_ratio), device.str(), threads);
-  spdlog::info("data: {} training and {} validation volume(s), {} batch(es) per epoch; lr {:.3g} (effective batch {}), "
-               "{} steps{}",
-               data.train.size(), data.val.size(), loader.batches_per_epoch(), peak, effective_batch, total,
-               resume_dir.empty() ? "" : ", resuming from " + resume_dir + " at step " + std::to_string(step));
+  spdlog::info(
+      "model: {:.2f} M parameters, {} patches of {} voxels, {} visible; device {}, {} threads",
+      [&] {
+        double n = 0;
+        for (const auto& p : model->parameters()) n += static_cast<double>(p.numel());
+        return n / 1e6;
+      }(),
+      model->options().num_patches(), model->options().patch_dim(),
+      num_visible(model->options().num_patches(), config.model.masking_ratio), device.str(), threads);
+  spdlog::info(
+      "data: {} training and {} validation volume(s), {} batch(es) per epoch; lr {:.3g} (effective batch {}), "
+      "{} steps{}",
+      data.train.size(), data.val.size(), loader.batches_per_epoch(), peak, effective_batch, total,
+      resume_dir.empty() ? "" : ", resuming from " + resume_dir + " at step " + std::to_string(step));
   if (options.dry_run) {
     result.step = step;
     return result;

@@ -12,21 +12,21 @@ namespace mae {
 
 /// How the caller wants the run started.
 struct TrainOptions {
-  bool resume = false;          ///< continue from a checkpoint instead of starting fresh
-  std::string resume_from;      ///< checkpoint or run folder; "" = output.dir's latest
-  bool check_data_only = false; ///< run the pre-flight data check, print it and stop
-  bool dry_run = false;         ///< validate config and data, build the model, then stop
+  bool resume = false;           ///< continue from a checkpoint instead of starting fresh
+  std::string resume_from;       ///< checkpoint or run folder; "" = output.dir's latest
+  bool check_data_only = false;  ///< run the pre-flight data check, print it and stop
+  bool dry_run = false;          ///< validate config and data, build the model, then stop
   /// Called after every optimizer step with (step, loss); tests use it to stop a run at a step.
   std::function<void(int64_t, double)> on_step;
 };
 
 /// How a run ended.
 struct TrainResult {
-  int64_t step = 0;            ///< optimizer steps done
-  bool interrupted = false;    ///< stopped by request_stop() (a checkpoint was written)
-  int signal = 0;              ///< the signal that stopped it, 0 if none
-  std::string checkpoint;      ///< the last checkpoint written ("" if none)
-  int64_t data_failures = 0;   ///< check_data_only: number of volumes that failed
+  int64_t step = 0;           ///< optimizer steps done
+  bool interrupted = false;   ///< stopped by request_stop() (a checkpoint was written)
+  int signal = 0;             ///< the signal that stopped it, 0 if none
+  std::string checkpoint;     ///< the last checkpoint written ("" if none)
+  int64_t data_failures = 0;  ///< check_data_only: number of volumes that failed
 };
 
 /// Runs (or resumes) pretraining as configured. Throws ConfigError / InputError / CheckpointError

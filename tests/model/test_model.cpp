@@ -25,8 +25,14 @@ class Model : public ::testing::Test {
 
 mae::MaskedAutoencoderOptions small3d() {
   return mae::MaskedAutoencoderOptions(1, {16, 16, 16}, {4, 4, 4})
-      .hidden_size(48).mlp_dim(96).num_layers(2).num_heads(4)
-      .decoder_hidden_size(24).decoder_mlp_dim(48).decoder_num_layers(1).decoder_num_heads(4);
+      .hidden_size(48)
+      .mlp_dim(96)
+      .num_layers(2)
+      .num_heads(4)
+      .decoder_hidden_size(24)
+      .decoder_mlp_dim(48)
+      .decoder_num_layers(1)
+      .decoder_num_heads(4);
 }
 
 // --- shape table (issue: 2D/3D × sincos/learnable × conv/perceptron × 96/128) ---------------------
@@ -50,9 +56,18 @@ TEST_P(ShapeTable, PredAndMaskHaveTheContractShapes) {
   const auto c = GetParam();
   std::vector<int64_t> img(c.dims, c.img), patch(c.dims, 16);
   auto opts = mae::MaskedAutoencoderOptions(4, img, patch)
-                  .hidden_size(768).mlp_dim(3072).num_layers(4).num_heads(12)
-                  .decoder_hidden_size(384).decoder_mlp_dim(512).decoder_num_layers(4).decoder_num_heads(16)
-                  .masking_ratio(0.5).pos_embed_type(c.pos).decoder_pos_embed_type(c.pos).proj_type(c.proj);
+                  .hidden_size(768)
+                  .mlp_dim(3072)
+                  .num_layers(4)
+                  .num_heads(12)
+                  .decoder_hidden_size(384)
+                  .decoder_mlp_dim(512)
+                  .decoder_num_layers(4)
+                  .decoder_num_heads(16)
+                  .masking_ratio(0.5)
+                  .pos_embed_type(c.pos)
+                  .decoder_pos_embed_type(c.pos)
+                  .proj_type(c.proj);
   mae::MaskedAutoencoder model(opts);
   std::vector<int64_t> shape{2, 4};
   shape.insert(shape.end(), img.begin(), img.end());
@@ -99,8 +114,16 @@ TEST_F(Model, BadArgumentsThrowNamingTheOption) {
       {"pos type", [](auto& o) { o.pos_embed_type("fourier"); }, "pos_embed_type"},
       {"decoder pos type", [](auto& o) { o.decoder_pos_embed_type("x"); }, "decoder_pos_embed_type"},
       {"proj type", [](auto& o) { o.proj_type("mlp"); }, "proj_type"},
-      {"patch larger", [](auto& o) { o.patch_size({32, 4, 4}); }, "patch_size"},
-      {"patch not dividing", [](auto& o) { o.patch_size({5, 4, 4}); }, "patch_size"},
+      {"patch larger",
+       [](auto& o) {
+         o.patch_size({32, 4, 4});
+       },
+       "patch_size"},
+      {"patch not dividing",
+       [](auto& o) {
+         o.patch_size({5, 4, 4});
+       },
+       "patch_size"},
       {"heads", [](auto& o) { o.num_heads(5); }, "num_heads"},
       {"decoder heads", [](auto& o) { o.decoder_num_heads(5); }, "decoder_num_heads"},
       {"sincos width", [](auto& o) { o.hidden_size(44).num_heads(4); }, "hidden_size"},
@@ -108,7 +131,11 @@ TEST_F(Model, BadArgumentsThrowNamingTheOption) {
       {"ratio zero", [](auto& o) { o.masking_ratio(0.0); }, "masking_ratio"},
       {"ratio one", [](auto& o) { o.masking_ratio(1.0); }, "masking_ratio"},
       {"ratio leaves none visible", [](auto& o) { o.masking_ratio(0.999); }, "masking_ratio"},
-      {"dims mismatch", [](auto& o) { o.patch_size({4, 4}); }, "patch_size"},
+      {"dims mismatch",
+       [](auto& o) {
+         o.patch_size({4, 4});
+       },
+       "patch_size"},
       {"1D", [](auto& o) { o.img_size({16}).patch_size({4}); }, "img_size"},
       {"channels", [](auto& o) { o.in_channels(0); }, "in_channels"},
   };
@@ -138,8 +165,14 @@ TEST_F(Model, WrongInputShapeOrChannelsIsAnError) {
 
 TEST_F(Model, ParameterNamesAndShapesFollowMonai) {
   auto opts = mae::MaskedAutoencoderOptions(1, {96, 96, 96}, {16, 16, 16})
-                  .hidden_size(768).mlp_dim(3072).num_layers(2).num_heads(12)
-                  .decoder_hidden_size(384).decoder_mlp_dim(512).decoder_num_layers(1).decoder_num_heads(12);
+                  .hidden_size(768)
+                  .mlp_dim(3072)
+                  .num_layers(2)
+                  .num_heads(12)
+                  .decoder_hidden_size(384)
+                  .decoder_mlp_dim(512)
+                  .decoder_num_layers(1)
+                  .decoder_num_heads(12);
   mae::MaskedAutoencoder model(opts);
   std::map<std::string, std::vector<int64_t>> want = {
       {"cls_token", {1, 1, 768}},
@@ -250,8 +283,11 @@ TEST_F(Model, ForwardEqualsMonaiAlgorithmOnAllPatchesThenGather) {
   auto out = model->forward(x, std::nullopt, gen);
 
   // MONAI: conv over all patches + positions, then keep the selected tokens.
-  auto emb = torch::conv3d(x, p["patch_embedding.patch_embeddings.weight"], p["patch_embedding.patch_embeddings.bias"],
-                           4).flatten(2).transpose(1, 2) + p["patch_embedding.position_embeddings"];
+  auto emb =
+      torch::conv3d(x, p["patch_embedding.patch_embeddings.weight"], p["patch_embedding.patch_embeddings.bias"], 4)
+          .flatten(2)
+          .transpose(1, 2) +
+      p["patch_embedding.position_embeddings"];
   auto gen2 = at::detail::createCPUGenerator(5);
   auto sel = torch::multinomial(torch::ones({2, 64}), 16, false, gen2);
   ASSERT_TRUE(torch::equal(sel, out.visible));
@@ -305,14 +341,21 @@ TEST_F(Model, BackwardReachesEveryTrainableParameter) {
 
 TEST_F(Model, SmallModelOverfitsOneVolume) {
   auto opts = mae::MaskedAutoencoderOptions(1, {16, 16, 16}, {4, 4, 4})
-                  .hidden_size(96).mlp_dim(192).num_layers(2).num_heads(4)
-                  .decoder_hidden_size(48).decoder_mlp_dim(96).decoder_num_layers(1).decoder_num_heads(4)
+                  .hidden_size(96)
+                  .mlp_dim(192)
+                  .num_layers(2)
+                  .num_heads(4)
+                  .decoder_hidden_size(48)
+                  .decoder_mlp_dim(96)
+                  .decoder_num_layers(1)
+                  .decoder_num_heads(4)
                   .masking_ratio(0.5);
   mae::MaskedAutoencoder model(opts);
   // A smooth volume: sums of sinusoids, so masked patches are predictable from visible ones.
   auto g = torch::linspace(0, 3.14159, 16);
   auto x = (torch::sin(g).view({16, 1, 1}) + torch::cos(2 * g).view({1, 16, 1}) + torch::sin(3 * g).view({1, 1, 16}))
-               .unsqueeze(0).unsqueeze(0);
+               .unsqueeze(0)
+               .unsqueeze(0);
   torch::optim::AdamW optimizer(model->parameters(), torch::optim::AdamWOptions(1e-3).weight_decay(0.0));
   auto target = model->target(x);
   auto gen = at::detail::createCPUGenerator(1);
@@ -332,9 +375,12 @@ TEST_F(Model, SmallModelOverfitsOneVolume) {
 TEST_F(Model, FlopCountMatchesHandCount) {
   // Preset A: 216 patches, 54 visible.
   auto a = mae::MaskedAutoencoderOptions(1, {96, 96, 96}, {16, 16, 16});
-  const double enc_block = 2.0 * 55 * 768 * 3 * 768 + 4.0 * 55 * 55 * 768 + 2.0 * 55 * 768 * 768 + 4.0 * 55 * 768 * 3072;
-  const double dec_block = 2.0 * 217 * 384 * 3 * 384 + 4.0 * 217 * 217 * 384 + 2.0 * 217 * 384 * 384 + 4.0 * 217 * 384 * 512;
-  const double want = 2.0 * 54 * 4096 * 768 + 12 * enc_block + 2.0 * 55 * 768 * 384 + 4 * dec_block + 2.0 * 216 * 384 * 4096;
+  const double enc_block =
+      2.0 * 55 * 768 * 3 * 768 + 4.0 * 55 * 55 * 768 + 2.0 * 55 * 768 * 768 + 4.0 * 55 * 768 * 3072;
+  const double dec_block =
+      2.0 * 217 * 384 * 3 * 384 + 4.0 * 217 * 217 * 384 + 2.0 * 217 * 384 * 384 + 4.0 * 217 * 384 * 512;
+  const double want =
+      2.0 * 54 * 4096 * 768 + 12 * enc_block + 2.0 * 55 * 768 * 384 + 4 * dec_block + 2.0 * 216 * 384 * 4096;
   EXPECT_NEAR(mae::forward_flops(a, 1), want, want * 1e-12);
   EXPECT_NEAR(mae::forward_flops(a, 2), 2 * want, want * 1e-12);
 }

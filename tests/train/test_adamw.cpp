@@ -18,10 +18,12 @@ TEST(AdamW, MatchesLibTorchAdamWOverSeveralSteps) {
 
   mae::AdamW mine({{{a1}, 0.05}, {{b1}, 0.0}}, mae::AdamWOptions{1e-2, 0.9, 0.95, 1e-8});
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(std::vector<torch::Tensor>{a2}, std::make_unique<torch::optim::AdamWOptions>(
-                                                          torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).weight_decay(0.05)));
-  groups.emplace_back(std::vector<torch::Tensor>{b2}, std::make_unique<torch::optim::AdamWOptions>(
-                                                          torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).weight_decay(0.0)));
+  groups.emplace_back(std::vector<torch::Tensor>{a2},
+                      std::make_unique<torch::optim::AdamWOptions>(
+                          torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).weight_decay(0.05)));
+  groups.emplace_back(std::vector<torch::Tensor>{b2},
+                      std::make_unique<torch::optim::AdamWOptions>(
+                          torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).weight_decay(0.0)));
   torch::optim::AdamW ref(groups, torch::optim::AdamWOptions(1e-2));
 
   auto x = torch::randn({16, 300});

@@ -38,8 +38,8 @@ TEST(Config, DefaultsAreFilledAndRoundTrip) {
 
 TEST(Config, OverridesParseJsonValuesAndStrings) {
   auto tree = minimal();
-  mae::apply_overrides(tree, {"train.lr=2e-4", "model.img_size=[64,64,64]", "output.dir=runs/x", "device=cpu",
-                              "model.qkv_bias=true"});
+  mae::apply_overrides(
+      tree, {"train.lr=2e-4", "model.img_size=[64,64,64]", "output.dir=runs/x", "device=cpu", "model.qkv_bias=true"});
   const auto c = mae::config_from_json(tree);
   EXPECT_DOUBLE_EQ(*c.train.lr, 2e-4);
   EXPECT_EQ(c.model.img_size, (std::vector<int64_t>{64, 64, 64}));
@@ -121,8 +121,9 @@ TEST(Config, FileErrorsNameTheFile) {
     mae::load_config(good, {"train.batch_sise=8"});
     ADD_FAILURE();
   } catch (const mae::ConfigError& e) {
-    EXPECT_NE(std::string(e.what()).find("good.json: \"train.batch_sise\" is not a key; did you mean \"train.batch_size\"?"),
-              std::string::npos);
+    EXPECT_NE(
+        std::string(e.what()).find("good.json: \"train.batch_sise\" is not a key; did you mean \"train.batch_size\"?"),
+        std::string::npos);
   }
   std::filesystem::remove_all(dir);
 }
@@ -131,12 +132,12 @@ TEST(Schedule, WarmupPeakAndEnd) {
   // 10 warmup steps to 1e-3, cosine to 1e-5 at step 110.
   EXPECT_DOUBLE_EQ(mae::lr_at(0, 110, 10, 1e-3, 1e-5), 1e-4);
   EXPECT_DOUBLE_EQ(mae::lr_at(4, 110, 10, 1e-3, 1e-5), 5e-4);
-  EXPECT_DOUBLE_EQ(mae::lr_at(9, 110, 10, 1e-3, 1e-5), 1e-3);   // end of warmup: peak
-  EXPECT_DOUBLE_EQ(mae::lr_at(10, 110, 10, 1e-3, 1e-5), 1e-3);  // cosine starts at peak
+  EXPECT_DOUBLE_EQ(mae::lr_at(9, 110, 10, 1e-3, 1e-5), 1e-3);                    // end of warmup: peak
+  EXPECT_DOUBLE_EQ(mae::lr_at(10, 110, 10, 1e-3, 1e-5), 1e-3);                   // cosine starts at peak
   EXPECT_NEAR(mae::lr_at(60, 110, 10, 1e-3, 1e-5), 0.5 * (1e-3 + 1e-5), 1e-15);  // half way
   EXPECT_NEAR(mae::lr_at(110, 110, 10, 1e-3, 1e-5), 1e-5, 1e-15);
   EXPECT_NEAR(mae::lr_at(500, 110, 10, 1e-3, 1e-5), 1e-5, 1e-15);  // clamped past the end
-  EXPECT_DOUBLE_EQ(mae::lr_at(0, 100, 0, 1e-3, 0.0), 1e-3);          // no warmup
+  EXPECT_DOUBLE_EQ(mae::lr_at(0, 100, 0, 1e-3, 0.0), 1e-3);        // no warmup
   EXPECT_DOUBLE_EQ(mae::scaled_lr(1.5e-4, 512), 3e-4);
 }
 

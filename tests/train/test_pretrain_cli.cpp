@@ -45,11 +45,19 @@ class PretrainCli : public ::testing::Test {
     nlohmann::json cfg = {
         {"device", "cpu"},
         {"threads", 1},
-        {"data", {{"dataset", (dir_ / "list.txt").string()}, {"cache_dir", (dir_ / "cache").string()}, {"val_fraction", 0}}},
+        {"data",
+         {{"dataset", (dir_ / "list.txt").string()}, {"cache_dir", (dir_ / "cache").string()}, {"val_fraction", 0}}},
         {"model",
-         {{"img_size", {16, 16, 16}}, {"patch_size", {4, 4, 4}}, {"hidden_size", 24}, {"mlp_dim", 48},
-          {"num_layers", 1}, {"num_heads", 2}, {"decoder_hidden_size", 12}, {"decoder_mlp_dim", 24},
-          {"decoder_num_layers", 1}, {"decoder_num_heads", 2}}},
+         {{"img_size", {16, 16, 16}},
+          {"patch_size", {4, 4, 4}},
+          {"hidden_size", 24},
+          {"mlp_dim", 48},
+          {"num_layers", 1},
+          {"num_heads", 2},
+          {"decoder_hidden_size", 12},
+          {"decoder_mlp_dim", 24},
+          {"decoder_num_layers", 1},
+          {"decoder_num_heads", 2}}},
         {"train", {{"batch_size", 2}, {"max_steps", 1000000}, {"log_every", 1}, {"checkpoint_every", 3}}},
         {"output", {{"dir", (dir_ / "run").string()}}}};
     std::ofstream(dir_ / "config.json") << cfg.dump(2);
@@ -124,7 +132,8 @@ TEST_F(PretrainCli, SigintWritesACheckpointAndExits130ThenResumeContinues) {
   const int64_t stopped = std::stoll(name.substr(5));
   EXPECT_GE(stopped, 4);
   // Resume and run a few more steps to a fixed end.
-  const auto resumed = run({"--config", config(), "--resume", "--set", "train.max_steps=" + std::to_string(stopped + 2)});
+  const auto resumed =
+      run({"--config", config(), "--resume", "--set", "train.max_steps=" + std::to_string(stopped + 2)});
   EXPECT_EQ(resumed.status, 0) << resumed.out;
   EXPECT_NE(resumed.out.find("resuming from"), std::string::npos) << resumed.out;
 }

@@ -40,8 +40,10 @@ void write_dataset(const TempDir& dir, double scale = 1.0) {
   std::ofstream list(dir / "list.txt");
   for (int i = 0; i < 3; ++i) {
     auto g = torch::linspace(0, 3.0 + i, 20);
-    auto x = (torch::sin(g).view({20, 1, 1}) + torch::cos(2 * g).view({1, 20, 1}) * torch::sin(g).view({1, 1, 20}) + 2.0)
-                 .unsqueeze(0) * scale;
+    auto x =
+        (torch::sin(g).view({20, 1, 1}) + torch::cos(2 * g).view({1, 20, 1}) * torch::sin(g).view({1, 1, 20}) + 2.0)
+            .unsqueeze(0) *
+        scale;
     mae::Volume v;
     v.data = x.contiguous();
     v.spacing = {1.0, 1.2, 1.5};
