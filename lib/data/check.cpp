@@ -8,6 +8,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <exception>
+#include <mutex>
+#include <string>
 #include <thread>
 
 #include "core/error.h"
@@ -100,7 +103,19 @@ CheckReport check_data(const std::vector<DatasetEntry>& entries, const DataConfi
     work();
   } else {
     std::vector<std::thread> pool;
-    for (int t = 0; t < n; ++t) pool.emplace_back(work);
+    pool.reserve(static_cast<size_t>(n));
+    for (int t = 0; t < n; ++t) {
+      try {
+        pool.emplace_back(work);
+      } catch (const std::exception& e) {
+        // Joinable threads must not be destroyed: let the started ones stop after their current
+        // volume, join them, then report the failure.
+        next = entries.size();
+        for (auto& started : pool) started.join();
+        throw Error("data check: could not start worker thread " + std::to_string(t + 1) + " of " +
+                    std::to_string(n) + ": " + e.what());
+      }
+    }
     for (auto& t : pool) t.join();
   }
   if (fatal) std::rethrow_exception(fatal);

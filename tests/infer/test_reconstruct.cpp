@@ -2,19 +2,24 @@
 // geometry, exact visible voxels, metrics recomputed from the written files, the PNG, the saved
 // tensors, determinism, norm_pix de-normalisation, and the errors a user can cause.
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "data/cache.h"
 #include "helpers.h"
 #include "infer/reconstruct.h"
+#include "infer/windows.h"
 #include "io/io.h"
 #include "model/ops.h"
 #include "train/checkpoint.h"
@@ -157,20 +162,102 @@ TEST_F(Reconstruct, WritesConsistentOutputs) {
   EXPECT_TRUE(at::equal(dict.at("input").toTensor()[0], input.data.narrow(1, 0, 16).narrow(2, 0, 16).narrow(3, 0, 16)));
 }
 
+// The owner of voxel v along one axis, computed here independently of the library: the window whose
+// centre (origin + window / 2) is nearest to v's centre (v + 0.5), ties to the earlier window.
+std::vector<int64_t> nearest_window(const std::vector<int64_t>& origins, int64_t window, int64_t size) {
+  std::vector<int64_t> owner(static_cast<size_t>(size));
+  for (int64_t v = 0; v < size; ++v) {
+    // Twice the distances, so that everything stays in integers and ties are exact.
+    int64_t best = 0, best_dist = std::abs(2 * v + 1 - (2 * origins[0] + window));
+    for (size_t i = 1; i < origins.size(); ++i) {
+      const int64_t dist = std::abs(2 * v + 1 - (2 * origins[i] + window));
+      if (dist < best_dist) best = static_cast<int64_t>(i), best_dist = dist;
+    }
+    owner[static_cast<size_t>(v)] = best;
+  }
+  return owner;
+}
+
 TEST_F(Reconstruct, EachVoxelShowsTheWindowWhoseCentreIsNearest) {
   const TrainedModel model = load_trained_model(run_dir_);
-  PreprocessedVolume pre = preprocess_volume(DatasetEntry{{volume_path_}, ""}, model.config.data);
+  // Windows of 16, stride 12, overlapping unevenly on every axis, with exact ties between centres:
+  //   D 31: origins {0, 12, 15}, centres 8, 20, 23 (voxel 21 ties between windows 1 and 2);
+  //   H 27: origins {0, 11},     centres 8, 19     (voxel 13 ties);
+  //   W 37: origins {0, 12, 21}, centres 8, 20, 29 (voxel 24 ties between windows 1 and 2).
+  const int64_t D = 31, H = 27, W = 37, win = 16;
+  const std::vector<std::vector<int64_t>> axis_origins = {{0, 12, 15}, {0, 11}, {0, 12, 21}};
+  Volume volume = test::synthetic_volume(D, H, W, 13);
+  volume.direction = {1, 0, 0, 0, 1, 0, 0, 0, 1};
   ReconstructOptions o;
   o.seed = 4;
-  const auto r = reconstruct_volume(model, pre.volume, o);
-  // Window origins: D {0, 2}, H {0, 4}, W {0, 8}; the first window owns at least [0, 8)^3.
-  const auto& w = r.first_window;
-  const auto pred = unpatchify(w.pred, {16, 16, 16}, {4, 4, 4}, 1)[0];
-  const auto hidden = unpatchify(w.mask.unsqueeze(-1).expand({1, 64, 64}).contiguous(), {16, 16, 16}, {4, 4, 4}, 1)[0];
-  const auto expected = at::where(hidden > 0.5, pred, w.input[0]);
-  auto corner = [](const at::Tensor& t) { return t.narrow(1, 0, 8).narrow(2, 0, 8).narrow(3, 0, 8); };
-  EXPECT_TRUE(at::equal(corner(r.mask.data), corner(hidden)));
-  EXPECT_TRUE(at::allclose(corner(r.reconstruction.data), corner(expected), 1e-6, 1e-6));
+  const auto r = reconstruct_volume(model, volume, o);
+  const auto origins = window_origins({D, H, W}, {win, win, win}, o.overlap);
+  ASSERT_EQ(origins.size(), 18u);
+  ASSERT_EQ(r.num_windows, 18);
+  for (size_t i = 0; i < origins.size(); ++i) {
+    const std::array<int64_t, 3> want = {axis_origins[0][i / 6], axis_origins[1][(i / 3) % 2], axis_origins[2][i % 3]};
+    ASSERT_EQ(origins[i], want) << "window " << i;
+  }
+
+  // Every window as the library runs it: one CPU generator seeded with the seed, one draw per
+  // window in raster order, the window alone through the model; masked voxels show the prediction,
+  // visible ones the input.
+  c10::NoGradGuard no_grad;
+  MaskedAutoencoder net = model.model;  // shares the module
+  net->eval();
+  const int64_t n = net->options().num_patches();
+  at::Generator gen = at::detail::createCPUGenerator(o.seed);
+  std::vector<at::Tensor> window_mask, window_rec;  // (1, 16, 16, 16), (C, 16, 16, 16)
+  at::Tensor first_mask;                            // (1, N) of window 0
+  for (const auto& og : origins) {
+    const auto crop = volume.data.to(at::kFloat)
+                          .slice(1, og[0], og[0] + win)
+                          .slice(2, og[1], og[1] + win)
+                          .slice(3, og[2], og[2] + win)
+                          .unsqueeze(0)
+                          .contiguous();
+    const auto out = net->forward_visible(crop, draw_visible(1, n, r.masking_ratio, gen));
+    const auto pred = unpatchify(out.pred.to(at::kFloat), {win, win, win}, {4, 4, 4}, 1)[0];
+    const auto hidden =
+        unpatchify(out.mask.to(at::kFloat).unsqueeze(-1).expand({1, n, 64}).contiguous(), {win, win, win}, {4, 4, 4},
+                   1)[0];
+    if (!first_mask.defined()) first_mask = out.mask.to(at::kFloat);
+    window_mask.push_back(hidden.contiguous());
+    window_rec.push_back(at::where(hidden > 0.5, pred, crop[0]).contiguous());
+  }
+  EXPECT_TRUE(at::equal(r.first_window.mask, first_mask)) << "the masks are not drawn as the library draws them";
+
+  // Every voxel against its owner window's own mask and reconstruction.
+  const auto own_d = nearest_window(axis_origins[0], win, D);
+  const auto own_h = nearest_window(axis_origins[1], win, H);
+  const auto own_w = nearest_window(axis_origins[2], win, W);
+  const auto got_mask = r.mask.data.to(at::kFloat).contiguous();
+  const auto got_rec = r.reconstruction.data.to(at::kFloat).contiguous();
+  const auto gm = got_mask.accessor<float, 4>();
+  const auto gr = got_rec.accessor<float, 4>();
+  int64_t bad_mask = 0, bad_rec = 0;
+  std::string first_bad;
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t w = 0; w < W; ++w) {
+        const size_t k = static_cast<size_t>((own_d[d] * 2 + own_h[h]) * 3 + own_w[w]);
+        const auto& og = origins[k];
+        const auto wm = window_mask[k].accessor<float, 4>();
+        const auto wr = window_rec[k].accessor<float, 4>();
+        const int64_t ld = d - og[0], lh = h - og[1], lw = w - og[2];
+        const bool mask_ok = gm[0][d][h][w] == wm[0][ld][lh][lw];
+        const bool rec_ok = std::abs(gr[0][d][h][w] - wr[0][ld][lh][lw]) <= 1e-5f + 1e-5f * std::abs(wr[0][ld][lh][lw]);
+        bad_mask += mask_ok ? 0 : 1;
+        bad_rec += rec_ok ? 0 : 1;
+        if ((!mask_ok || !rec_ok) && first_bad.empty()) {
+          first_bad = "voxel (" + std::to_string(d) + ", " + std::to_string(h) + ", " + std::to_string(w) +
+                      ") owned by window " + std::to_string(k);
+        }
+      }
+    }
+  }
+  EXPECT_EQ(bad_mask, 0) << "voxels whose mask is not their owner window's; first: " << first_bad;
+  EXPECT_EQ(bad_rec, 0) << "voxels whose reconstruction is not their owner window's; first: " << first_bad;
   const double share = static_cast<double>(r.metrics.masked_voxels) / static_cast<double>(r.metrics.voxels);
   EXPECT_NEAR(share, 0.75, 0.1) << "each voxel takes its mask from one window";
 }
