@@ -11,27 +11,10 @@
 #include <string>
 #include <unistd.h>
 
+#include "../common/temp_dir.h"
 #include "io/volume.h"
 
 namespace mae::test {
-
-/// A fresh folder under the system temp folder, removed with its contents on destruction.
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = std::filesystem::temp_directory_path() /
-           ("mae3d_data_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  /// path / name as a string.
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
 
 /// A volume (C, D, H, W) of smooth pseudo-random values in [lo, hi) with the given spacing.
 inline Volume make_volume(int64_t c, int64_t d, int64_t h, int64_t w, double lo = 0.0, double hi = 1.0,

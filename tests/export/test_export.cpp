@@ -16,6 +16,7 @@
 #include <fstream>
 #include <unistd.h>
 
+#include "../common/temp_dir.h"
 #include "core/error.h"
 #include "export/features.h"
 #include "export/monai_export.h"
@@ -31,20 +32,9 @@ namespace {
 using Shape = std::vector<int64_t>;
 using KeyList = std::vector<std::pair<std::string, Shape>>;
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() / ("mae3d_export_test_" + std::to_string(::getpid()) + "_" +
-                                        std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
+// A temporary folder for this suite's tests.
+struct TempDir : mae::test::TempDir {
+  TempDir() : mae::test::TempDir("mae3d_export_test") {}
 };
 
 class Export : public ::testing::Test {

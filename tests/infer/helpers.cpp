@@ -11,19 +11,6 @@
 
 namespace mae::test {
 
-TempDir::TempDir() {
-  static std::atomic<int> counter{0};
-  path = std::filesystem::temp_directory_path() /
-         ("mae3d_infer_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-  std::filesystem::remove_all(path);
-  std::filesystem::create_directories(path);
-}
-
-TempDir::~TempDir() {
-  std::error_code ec;
-  std::filesystem::remove_all(path, ec);
-}
-
 Volume synthetic_volume(int64_t d, int64_t h, int64_t w, uint64_t seed) {
   at::Generator gen = at::detail::createCPUGenerator(seed);
   const auto zd = at::arange(d, at::kFloat).view({d, 1, 1});

@@ -8,18 +8,10 @@
 #include <initializer_list>
 #include <string>
 
+#include "../common/temp_dir.h"
 #include "io/volume.h"
 
 namespace mae::test {
-
-/// A fresh folder under the system temp folder, removed with its contents on destruction.
-struct TempDir {
-  std::filesystem::path path;  ///< the folder
-  TempDir();
-  ~TempDir();
-  /// path / name as a string.
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
 
 /// A smooth synthetic volume (1, d, h, w) with spacing (1, 1.5, 2) mm, an oblique-free but permuted
 /// and flipped direction (orientation "PRS") and a non-zero origin.

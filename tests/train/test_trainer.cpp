@@ -10,6 +10,7 @@
 #include <fstream>
 #include <map>
 
+#include "../common/temp_dir.h"
 #include "core/error.h"
 #include "io/io.h"
 #include "train/checkpoint.h"
@@ -20,19 +21,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() / ("mae3d_train_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
+// A temporary folder for this suite's tests.
+struct TempDir : mae::test::TempDir {
+  TempDir() : mae::test::TempDir("mae3d_train") {}
 };
 
 // Three smooth synthetic volumes (oblique direction, anisotropic spacing) and a list file.
