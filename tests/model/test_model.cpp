@@ -44,6 +44,11 @@ struct ShapeCase {
   int64_t img;
 };
 
+// Readable parameter in test listings (ctest shows it).
+void PrintTo(const ShapeCase& c, std::ostream* os) {
+  *os << c.dims << "D " << c.pos << " " << c.proj << " " << c.img;
+}
+
 class ShapeTable : public ::testing::TestWithParam<ShapeCase> {
  protected:
   void SetUp() override {
