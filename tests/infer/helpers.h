@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <string>
 
+#include "../common/expect_error.h"
 #include "../common/temp_dir.h"
 #include "io/volume.h"
 
@@ -23,20 +24,5 @@ std::string tiny_config_json(const std::string& volume_path, const std::string& 
 
 /// Trains the tiny model for 3 steps on `volume_path`; returns the run folder.
 std::string train_tiny(const std::string& volume_path, const std::string& dir);
-
-/// Runs `fn`, expects an exception of type E whose one-line message contains every one of `needles`.
-template <typename E, typename Fn>
-void expect_error(Fn&& fn, std::initializer_list<std::string> needles) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an exception";
-  } catch (const E& e) {
-    const std::string what = e.what();
-    EXPECT_EQ(what.find('\n'), std::string::npos) << "message is not one line: " << what;
-    for (const auto& needle : needles) {
-      EXPECT_NE(what.find(needle), std::string::npos) << "'" << needle << "' not in: " << what;
-    }
-  }
-}
 
 }  // namespace mae::test

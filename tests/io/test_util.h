@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <string>
 
+#include "../common/expect_error.h"
 #include "io/volume.h"
 
 namespace mae::test {
@@ -52,20 +53,5 @@ void write_dicom_series(const itk::Image<float, 3>* image, const std::string& di
 
 /// Physical LPS position of tensor voxel (d, h, w) of a volume.
 std::array<double, 3> physical_point(const Volume& volume, int64_t d, int64_t h, int64_t w);
-
-/// Runs `fn`, expects an exception of type E whose message contains every one of `needles`.
-template <typename E, typename Fn>
-void expect_error(Fn&& fn, std::initializer_list<std::string> needles) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an exception";
-  } catch (const E& e) {
-    const std::string what = e.what();
-    EXPECT_EQ(what.find('\n'), std::string::npos) << "message is not one line: " << what;
-    for (const auto& needle : needles) {
-      EXPECT_NE(what.find(needle), std::string::npos) << "'" << needle << "' not in: " << what;
-    }
-  }
-}
 
 }  // namespace mae::test
