@@ -4,6 +4,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace mae {
 
@@ -25,8 +26,16 @@ class ConfigError : public Error {
 /// Input data that cannot be used: missing, corrupt, wrong dimensions, non-finite voxels.
 class InputError : public Error {
  public:
-  using Error::Error;
+  /// `cause` is the check that refused the input, in a user's words, for summaries that count
+  /// refusals by cause ("truncated data", "impossible geometry", ...); "" when not classified.
+  explicit InputError(const std::string& what, std::string cause = "")
+      : Error(what), cause_(std::move(cause)) {}
   int exit_code() const override { return 2; }
+  /// The check that refused the input ("" when not classified).
+  const std::string& cause() const { return cause_; }
+
+ private:
+  std::string cause_;
 };
 
 /// A damaged, foreign or mismatched checkpoint.

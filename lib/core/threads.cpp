@@ -17,6 +17,12 @@
 
 namespace mae {
 
+bool is_device_name(const std::string& device, bool allow_auto) {
+  if (device == "cpu" || device == "cuda" || (allow_auto && device == "auto")) return true;
+  return device.rfind("cuda:", 0) == 0 && device.size() > 5 && device.size() <= 8 &&
+         device.find_first_not_of("0123456789", 5) == std::string::npos;
+}
+
 int hardware_threads() {
   const unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(n);

@@ -2,7 +2,13 @@
 // machines, so every program sets the count explicitly.
 #pragma once
 
+#include <string>
+
 namespace mae {
+
+/// True for a device name the programs accept: "cpu", "cuda", "cuda:N" (N of at most 3 digits)
+/// and, when `allow_auto`, "auto" (CUDA when available).
+bool is_device_name(const std::string& device, bool allow_auto = true);
 
 /// Number of hardware threads (at least 1).
 int hardware_threads();

@@ -1,0 +1,90 @@
+// The programs as a user runs them with bad flags and configs: exit status 2 and one line naming
+// the flag, file or key. mae-bench-data also removes its scratch folder when it fails.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+
+#include "../common/temp_dir.h"
+#include "run_binary.h"
+
+namespace fs = std::filesystem;
+
+namespace mae {
+namespace {
+
+// One line on stderr containing every needle, and the exit status `status`.
+void expect_one_line_error(const test::RunResult& r, int status, std::initializer_list<std::string> needles) {
+  EXPECT_EQ(r.status, status) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_LT(r.err.size(), 400u) << r.err;
+  for (const auto& n : needles) EXPECT_NE(r.err.find(n), std::string::npos) << "'" << n << "' not in: " << r.err;
+}
+
+#ifdef MAE_BENCH_BIN
+TEST(BenchCli, BadFlagsExit2WithAReadableLine) {
+  const test::TempDir dir("mae3d_bench_cli");
+  const std::string d = dir.path.string();
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--device", "banana"}, d), 2,
+                        {"--device \"banana\" is not a device", "cpu, cuda, cuda:N"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--iters", "0"}, d), 2,
+                        {"--iters: 0 is out of range; allowed: 1 .. 100000"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--iters", "2.5"}, d), 2, {"--iters: 2.5 is not a whole"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--warmup", "-1"}, d), 2, {"--warmup: -1 is out of range"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--threads", "4294967296"}, d), 2,
+                        {"--threads: 4294967296 is out of range; allowed: 0 .. 4096"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--preset", "Z"}, d), 2, {"--preset", "A,B,tiny"});
+}
+#endif
+
+#ifdef MAE_BENCH_DATA_BIN
+TEST(BenchDataCli, AMissingMriIsExit2NamingThePath) {
+  const test::TempDir dir("mae3d_bench_data_cli");
+  const auto r = test::run_binary(MAE_BENCH_DATA_BIN, {"--mri", "/nonexistent/ch2.nii.gz"}, dir.path.string(),
+                                  {{"TMPDIR", dir / "tmp"}});
+  expect_one_line_error(r, 2, {"--mri /nonexistent/ch2.nii.gz: no such file"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_DATA_BIN, {"--batches", "0"}, dir.path.string()), 2,
+                        {"--batches: 0 is out of range"});
+  std::ofstream(dir / "file") << "x";
+  expect_one_line_error(test::run_binary(MAE_BENCH_DATA_BIN, {"--work-dir", dir / "file"}, dir.path.string()), 2,
+                        {"--work-dir", "is a file, not a folder"});
+}
+
+TEST(BenchDataCli, RemovesItsScratchFolderWhenAMeasurementFails) {
+  const test::TempDir dir("mae3d_bench_data_cli");
+  fs::create_directories(dir / "tmp");
+  std::ofstream(dir / "corrupt.nii.gz") << "not a volume";
+  const auto r = test::run_binary(MAE_BENCH_DATA_BIN, {"--mri", dir / "corrupt.nii.gz"}, dir.path.string(),
+                                  {{"TMPDIR", dir / "tmp"}});
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("corrupt.nii.gz"), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::is_empty(dir / "tmp")) << "the scratch folder was left behind";
+}
+#endif
+
+#ifdef MAE_PRETRAIN_BIN
+TEST(PretrainConfigCli, UnusableConfigsExit2NamingThePath) {
+  const test::TempDir dir("mae3d_pretrain_cfg_cli");
+  const std::string d = dir.path.string();
+  expect_one_line_error(test::run_binary(MAE_PRETRAIN_BIN, {"--config", d}, d), 2,
+                        {d + ": is a folder, not a config file"});
+  std::ofstream(dir / "empty.json") << "";
+  expect_one_line_error(test::run_binary(MAE_PRETRAIN_BIN, {"--config", dir / "empty.json"}, d), 2,
+                        {"empty.json: the config file is empty"});
+  std::ofstream(dir / "dup.json") << "{\"data\": {\"dataset\": \"x\"},\n \"train\": {\"lr\": 5.0,\n  \"lr\": 0.001}}";
+  expect_one_line_error(test::run_binary(MAE_PRETRAIN_BIN, {"--config", dir / "dup.json"}, d), 2,
+                        {"dup.json: \"train.lr\" appears twice (line 3"});
+  std::ofstream(dir / "ok.json") << "{\"data\": {\"dataset\": \"x\"}}";
+  expect_one_line_error(
+      test::run_binary(MAE_PRETRAIN_BIN, {"--config", dir / "ok.json", "--set", "model.img_size=[16,16"}, d), 2,
+      {"--set \"model.img_size=[16,16\": the value is not valid JSON", "column 7"});
+  expect_one_line_error(test::run_binary(MAE_PRETRAIN_BIN, {"--config", dir / "ok.json", "--set", "seed=1e30"}, d), 2,
+                        {"\"seed\" = 1e+30 is out of range"});
+  expect_one_line_error(test::run_binary(MAE_PRETRAIN_BIN, {"--config", dir / "a\nb.json"}, d), 2,
+                        {"a\\nb.json: cannot open the config file"});
+}
+#endif
+
+}  // namespace
+}  // namespace mae
