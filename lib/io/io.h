@@ -15,11 +15,54 @@ namespace mae {
 
 /// How to read files that are not plain 3D scalar volumes.
 struct ReadOptions {
-  std::string series_uid;               ///< DICOM folder holding several series: the one to read ("" = the only one)
-  int64_t time_point = -1;              ///< 4D input: read this time point; -1 refuses 4D input
-  bool fourth_axis_as_channels = false; ///< 4D input: read the 4th axis (or vector components) as channels
-  bool allow_2d = false;                ///< accept a 2D image as a volume of depth 1
+  std::string series_uid;                ///< DICOM folder holding several series: the one to read ("" = the only one)
+  int64_t time_point = -1;               ///< 4D input: read this time point; -1 refuses 4D input
+  bool fourth_axis_as_channels = false;  ///< 4D input: read the 4th axis (or vector components) as channels
+  bool allow_2d = false;                 ///< accept a 2D image (one slice, any axis of size 1) as a volume
+  /// DICOM series: largest accepted deviation of one slice-to-slice distance from the series' median
+  /// distance, relative to that median. 0.1 accepts the ~1 % float jitter of real scanners (and
+  /// anything below a tenth of a slice, less than linear resampling's own error) and refuses a
+  /// missing slice (+100 %), duplicated positions and mixed spacings. Must be in [0, 1).
+  double slice_spacing_tolerance = 0.1;
 };
+
+/// The `cause` of every InputError that read_volume and list_dicom_series throw: the check that
+/// refused the input, a fixed vocabulary for summaries that count refusals by cause.
+namespace input_cause {
+/// The path does not exist, or a file a header names (NIfTI .img, MetaImage/NRRD data file) is missing.
+inline constexpr const char* kMissingFile = "missing file";
+/// Empty, not an image format mae reads, or a folder without DICOM series.
+inline constexpr const char* kNotAnImage = "not an image";
+/// An image format or variant mae does not read (NIfTI-2, a voxel type or encoding ITK cannot decode).
+inline constexpr const char* kUnsupportedFormat = "unsupported format";
+/// Header fields that describe no image (dim <= 0, bad vox_offset, unparsable MetaImage/NRRD field).
+inline constexpr const char* kCorruptHeader = "corrupt header";
+/// Fewer voxel bytes in the file (or in its decompressed data) than the header promises.
+inline constexpr const char* kTruncatedData = "truncated data";
+/// A compressed stream that does not decode: bad data, bad CRC, missing end marker.
+inline constexpr const char* kCorruptCompressed = "corrupt compressed data";
+/// Spacing, origin or orientation that is non-finite, non-positive, absurd or not a rotation.
+inline constexpr const char* kImpossibleGeometry = "impossible geometry";
+/// 1D/2D/single-voxel, 4D/5D or multi-component input the ReadOptions do not allow.
+inline constexpr const char* kUnsupportedDimensions = "unsupported dimensions";
+/// NaN or infinite voxel values.
+inline constexpr const char* kNonFiniteVoxels = "non-finite voxels";
+/// A DICOM slice stack with a gap, duplicated positions, uneven spacing or mixed orientations.
+inline constexpr const char* kDicomSliceSpacing = "DICOM slice spacing";
+/// Several DICOM series in a folder and no (or an unknown) series_uid.
+inline constexpr const char* kAmbiguousSeries = "ambiguous DICOM series";
+/// The reader (ITK/GDCM) failed or warned for a reason none of the checks above names.
+inline constexpr const char* kUnreadable = "unreadable data";
+}  // namespace input_cause
+
+/// Geometry bounds read_volume enforces: every spacing must lie in [kMinSpacingMm, kMaxSpacingMm]
+/// (1 nm to 10 m: nothing a scanner images lies outside) and every origin coordinate within
+/// +-kMaxOriginMm (1 km).
+inline constexpr double kMinSpacingMm = 1e-6;
+/// Largest accepted spacing, mm (see kMinSpacingMm).
+inline constexpr double kMaxSpacingMm = 1e4;
+/// Largest accepted |origin coordinate|, mm (see kMinSpacingMm).
+inline constexpr double kMaxOriginMm = 1e6;
 
 /// One series found in a DICOM folder.
 struct DicomSeriesInfo {
@@ -29,9 +72,20 @@ struct DicomSeriesInfo {
 };
 
 /// Reads a file (.nii, .nii.gz, .hdr/.img, .mha, .mhd, .nrrd, .nhdr) or a DICOM folder into a
-/// float32 Volume. Refuses, with an InputError naming the path and the problem: missing, empty or
-/// non-image files, NIfTI-2, 4D/5D without a ReadOptions choice, 2D unless allowed, multi-component
-/// pixels unless read as channels, non-orthonormal directions, NaN/Inf voxels, truncated DICOM.
+/// float32 Volume. Headers are checked by mae before ITK sees the file, so ITK never allocates or
+/// computes from a bad one. Refuses, with a one-line InputError naming the path, the problem and a
+/// cause from input_cause: missing, empty or non-image files, NIfTI-2, fewer voxel bytes than the
+/// header promises (raw, or after decompressing gzip/zlib data: .nii.gz, .img.gz, MetaImage
+/// CompressedData, NRRD gzip; and DICOM, compressed pixel data decoded), corrupt compressed
+/// streams (bad data, CRC or trailer), non-finite, non-positive or out-of-bounds spacing and
+/// non-finite orientation or origin (naming the header field: pixdim[2], quatern_c, srow_x[3],
+/// ElementSpacing, space directions, PixelSpacing...), 4D/5D without a ReadOptions choice, 1D,
+/// single-voxel and (unless allowed) 2D images, multi-component pixels unless read as channels,
+/// non-orthonormal directions, NaN/Inf voxels, DICOM stacks with gaps, duplicate positions,
+/// mixed orientations or spacing jitter above slice_spacing_tolerance.
+///
+/// NIfTI: the qform is checked only when qform_code > 0 and the sform only when sform_code > 0,
+/// as the standard (and nibabel) use them; an unused transform's fields are ignored.
 Volume read_volume(const std::string& path, const ReadOptions& options = {});
 
 /// The series in a DICOM folder; InputError when the folder holds none.

@@ -1,9 +1,8 @@
 // read_volume and list_dicom_series: reading files and DICOM folders with ITK, and the checks ITK
-// 5.2 does not make (dimensions, components, NIfTI-2, truncated DICOM, directions, non-finite
-// voxels). Every failure becomes one InputError line that names the path and the problem.
+// 5.2 does not make (headers and voxel byte counts before ITK sees a file, see checks.h; then
+// dimensions, components, NIfTI-2, directions, non-finite voxels). Every failure becomes one
+// InputError line that names the path and the problem, with a cause from io.h's input_cause.
 #include <ATen/ATen.h>
-#include <gdcmAttribute.h>
-#include <gdcmReader.h>
 #include <itkGDCMImageIO.h>
 #include <itkGDCMSeriesFileNames.h>
 #include <itkImageFileReader.h>
@@ -21,6 +20,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "io/checks.h"
 #include "io/io.h"
 #include "io/itk_bridge.h"
 
@@ -36,8 +36,8 @@ using io_detail::FloatVectorImage;
 // strings, so real files are off by ~1e-6; sheared headers are off by far more.
 constexpr double kOrthonormalTolerance = 1e-3;
 
-[[noreturn]] void fail(const std::string& path, const std::string& problem) {
-  throw InputError(path + ": " + problem);
+[[noreturn]] void fail(const std::string& path, const std::string& problem, const char* cause) {
+  throw InputError(path + ": " + problem, cause);
 }
 
 // ITK descriptions span lines; an error message must be one line.
@@ -62,10 +62,22 @@ std::string join_sizes(const std::vector<size_t>& sizes) {
   return out;
 }
 
+// What an image with fewer than three axes longer than one voxel is, in words.
+std::string describe_small(const std::vector<size_t>& sizes, size_t long_axes) {
+  const std::string shape = join_sizes(sizes);
+  if (long_axes == 0) return "is a single voxel (" + shape + "), not a volume";
+  if (long_axes == 1) {
+    size_t n = 1;
+    for (size_t s : sizes) n = std::max(n, s);
+    return "is 1D: a single line of " + std::to_string(n) + " voxels (" + shape + "), not a volume";
+  }
+  return "is 2D: a single slice (" + shape + ")";
+}
+
 // What the header says, before any voxel is read.
 struct ImageInfo {
-  std::vector<size_t> sizes;                         // per ITK axis (x, y, z, t, ...)
-  unsigned components = 1;                           // values per voxel
+  std::vector<size_t> sizes;                                   // per ITK axis (x, y, z, t, ...)
+  unsigned components = 1;                                     // values per voxel
   std::array<double, 9> direction{1, 0, 0, 0, 1, 0, 0, 0, 1};  // spatial 3x3, row-major
 };
 
@@ -94,43 +106,62 @@ Layout check_info(const std::string& path, ImageInfo info, const ReadOptions& op
   const std::string shape = join_sizes(info.sizes);
   const size_t dims = info.sizes.size();
   if (dims >= 5) {
-    fail(path, "is " + std::to_string(dims) + "D (" + shape +
-                   "); only 3D volumes, or 4D with time_point or fourth_axis_as_channels, are read");
+    fail(path,
+         "is " + std::to_string(dims) + "D (" + shape +
+             "); only 3D volumes, or 4D with time_point or fourth_axis_as_channels, are read",
+         input_cause::kUnsupportedDimensions);
   }
   if (info.components > 1) {
     if (dims == 4) {
-      fail(path, "is 4D (" + shape + ") with " + std::to_string(info.components) +
-                     " components per voxel; only one of the two can be read as channels");
+      fail(path,
+           "is 4D (" + shape + ") with " + std::to_string(info.components) +
+               " components per voxel; only one of the two can be read as channels",
+           input_cause::kUnsupportedDimensions);
     }
     if (!options.fourth_axis_as_channels) {
-      fail(path, "has " + std::to_string(info.components) +
-                     " components per voxel (vector or RGB pixels); set fourth_axis_as_channels "
-                     "to read them as channels");
+      fail(path,
+           "has " + std::to_string(info.components) +
+               " components per voxel (vector or RGB pixels); set fourth_axis_as_channels "
+               "to read them as channels",
+           input_cause::kUnsupportedDimensions);
     }
   }
   if (dims == 4) {
     if (options.time_point >= 0) {
       if (options.time_point >= static_cast<int64_t>(info.sizes[3])) {
-        fail(path, "is 4D (" + shape + ") with " + std::to_string(info.sizes[3]) +
-                       " time points; time_point " + std::to_string(options.time_point) +
-                       " is out of range");
+        fail(path,
+             "is 4D (" + shape + ") with " + std::to_string(info.sizes[3]) + " time points; time_point " +
+                 std::to_string(options.time_point) + " is out of range",
+             input_cause::kUnsupportedDimensions);
       }
     } else if (!options.fourth_axis_as_channels) {
-      fail(path, "is 4D (" + shape +
-                     "); set time_point to read one volume or fourth_axis_as_channels to read "
-                     "the 4th axis as channels");
+      fail(path,
+           "is 4D (" + shape +
+               "); set time_point to read one volume or fourth_axis_as_channels to read "
+               "the 4th axis as channels",
+           input_cause::kUnsupportedDimensions);
     }
   }
-  const bool is_2d = dims < 3 || info.sizes[2] == 1;
-  if (is_2d && !options.allow_2d) {
-    fail(path, "is 2D (" + shape + "); a 3D volume is expected (allow_2d reads it as depth 1)");
+  // A volume has three axes longer than one voxel; fewer is a slice, a line or a single voxel.
+  size_t long_axes = 0;
+  for (size_t i = 0; i < std::min<size_t>(dims, 3); ++i) long_axes += info.sizes[i] > 1 ? 1 : 0;
+  if (long_axes < 2) {
+    fail(path, describe_small(info.sizes, long_axes) + "; at least a 2D slice is needed",
+         input_cause::kUnsupportedDimensions);
+  }
+  if (long_axes == 2 && !options.allow_2d) {
+    fail(path,
+         describe_small(info.sizes, long_axes) +
+             "; a 3D volume is expected (allow_2d reads a slice as a volume "
+             "one voxel thick)",
+         input_cause::kUnsupportedDimensions);
   }
   const double err = io_detail::orthonormality_error(info.direction);
   if (err > kOrthonormalTolerance) {
     std::ostringstream msg;
     msg << "has non-orthonormal direction cosines (largest |D^T D - I| entry " << err
         << "); fix the header or resample the image";
-    fail(path, msg.str());
+    fail(path, msg.str(), input_cause::kImpossibleGeometry);
   }
   if (dims == 4) return Layout::kFourD;
   return info.components > 1 ? Layout::kVector3d : Layout::kScalar3d;
@@ -148,159 +179,45 @@ void refuse_nifti2(const std::string& path) {
   const uint32_t little = head[0] | (head[1] << 8) | (head[2] << 16) | (uint32_t(head[3]) << 24);
   const uint32_t big = head[3] | (head[2] << 8) | (head[1] << 16) | (uint32_t(head[0]) << 24);
   if (little == 540 || big == 540) {
-    fail(path, "is NIfTI-2 (sizeof_hdr 540), which is not supported; convert it to NIfTI-1 "
-               "(e.g. nibabel: nib.Nifti1Image(img.dataobj, img.affine, img.header))");
+    fail(path,
+         "is NIfTI-2 (sizeof_hdr 540), which is not supported; convert it to NIfTI-1 "
+         "(e.g. nibabel: nib.Nifti1Image(img.dataobj, img.affine, img.header))",
+         input_cause::kUnsupportedFormat);
   }
 }
 
-// Warnings turn into errors: ITK 5.2 only warns about truncated DICOM pixel data (and zero-fills),
-// and a reader that had to warn produced voxels we should not train on.
+// What a reader's warning means, in a user's words; the raw ITK/GDCM text is not shown.
+std::string explain_warning(const std::string& text) {
+  const auto has = [&](const char* needle) { return text.find(needle) != std::string::npos; };
+  if (has("orthonormal")) return "its orientation (qform/sform or direction cosines) is not a rotation";
+  if (has("Non uniform sampling") || has("missing slices")) return "its slices are not evenly spaced";
+  if (has("not read completely") || has("runcat") || has("premature") || has("Premature")) {
+    return "the voxel data is shorter than the header promises";
+  }
+  if (has("GDCM") || has("gdcm")) return "the DICOM decoder reported a damaged or unusual file";
+  return "the image reader reported a damaged or unusual file";
+}
+
+// Warnings turn into errors: a reader that had to warn produced voxels we should not train on.
+// The checks before ITK catch the known cases with better words; this is the net below them.
 void refuse_warnings(const std::string& path, const io_detail::WarningCapture& capture) {
   const auto messages = capture.messages();
   if (messages.empty()) return;
-  std::string text = messages.front();
-  if (text.size() > 400) text = text.substr(0, 400) + "...";
   std::string more;
-  if (messages.size() > 1) more = " (and " + std::to_string(messages.size() - 1) + " more)";
-  fail(path, "the reader warned, so the voxels cannot be trusted (truncated or damaged file?): " +
-                 one_line(text) + more);
+  if (messages.size() > 1) more = " (and " + std::to_string(messages.size() - 1) + " more warnings)";
+  fail(path, "refused because " + explain_warning(messages.front()) + more + ", so its voxels cannot be trusted",
+       input_cause::kUnreadable);
 }
 
-
-// ITK 5.2 (GDCM 3.0) reads explicit-VR DICOM whose pixel data is cut short without any warning and
-// zero-fills the rest. Each uncompressed file must hold all the bytes its header promises: read
-// the header up to the pixel data element and compare the bytes left in the file.
-void refuse_truncated_dicom(const std::string& dir, const std::vector<std::string>& files) {
-  const gdcm::Tag pixel_data(0x7fe0, 0x0010);
-  for (const auto& file : files) {
-    gdcm::Reader reader;
-    reader.SetFileName(file.c_str());
-    if (!reader.ReadUpToTag(pixel_data, std::set<gdcm::Tag>{pixel_data})) {
-      fail(dir, "DICOM file " + file + " cannot be parsed");
-    }
-    if (reader.GetFile().GetHeader().GetDataSetTransferSyntax().IsEncapsulated()) continue;
-    const gdcm::DataSet& ds = reader.GetFile().GetDataSet();
-    gdcm::Attribute<0x0028, 0x0010> rows{};
-    gdcm::Attribute<0x0028, 0x0011> columns{};
-    gdcm::Attribute<0x0028, 0x0100> bits_allocated{};
-    gdcm::Attribute<0x0028, 0x0002> samples{};
-    gdcm::Attribute<0x0028, 0x0008> frames{};
-    rows.SetFromDataSet(ds);
-    columns.SetFromDataSet(ds);
-    bits_allocated.SetFromDataSet(ds);
-    samples.SetValue(1);
-    if (ds.FindDataElement(samples.GetTag())) samples.SetFromDataSet(ds);
-    frames.SetValue(1);
-    if (ds.FindDataElement(frames.GetTag())) frames.SetFromDataSet(ds);
-    const uint64_t expected = uint64_t(rows.GetValue()) * columns.GetValue() *
-                              std::max<uint64_t>(1, samples.GetValue()) *
-                              std::max<int64_t>(1, frames.GetValue()) *
-                              ((bits_allocated.GetValue() + 7) / 8);
-    std::error_code ec;
-    const uint64_t size = fs::file_size(file, ec);
-    const uint64_t position = reader.GetStreamCurrentPosition();
-    // ReadUpToTag stops right after the pixel data element's tag and length.
-    const uint64_t available = size > position ? size - position : 0;
-    if (!ec && available < expected) {
-      fail(dir, "DICOM file " + file + " is truncated: its pixel data needs " +
-                    std::to_string(expected) + " bytes, the file holds at most " +
-                    std::to_string(available));
-    }
-  }
-}
-
-// ITK 5.2's NiftiImageIO turns NaN voxels into 0 while reading, so non-finite values must be found
-// in the file itself: for float32/float64 NIfTI-1/Analyze data, scan the stored voxels (one more
-// pass of decompression). Returns the count and sets `first` to the first bad voxel's number.
-int64_t count_non_finite_nifti(const std::string& path, int64_t& first) {
-  auto lower = path;
-  std::transform(lower.begin(), lower.end(), lower.begin(),
-                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  const auto ends = [&](const std::string& suffix) {
-    return lower.size() >= suffix.size() &&
-           lower.compare(lower.size() - suffix.size(), suffix.size(), suffix) == 0;
-  };
-  std::string header_file = path, data_file = path;
-  if (ends(".hdr") || ends(".hdr.gz")) {
-    data_file = path.substr(0, lower.rfind(".hdr")) + ".img" + (ends(".gz") ? ".gz" : "");
-  } else if (ends(".img") || ends(".img.gz")) {
-    header_file = path.substr(0, lower.rfind(".img")) + ".hdr" + (ends(".gz") ? ".gz" : "");
-  } else if (!ends(".nii") && !ends(".nii.gz")) {
-    return 0;
-  }
-  unsigned char h[348];
-  gzFile in = gzopen(header_file.c_str(), "rb");
-  if (in == nullptr) return 0;
-  const int got = gzread(in, h, sizeof(h));
-  gzclose(in);
-  if (got != static_cast<int>(sizeof(h))) return 0;
-  int32_t sizeof_hdr;
-  std::memcpy(&sizeof_hdr, h, 4);
-  const bool swap = sizeof_hdr != 348;
-  auto get16 = [&](int offset) {
-    uint16_t v;
-    std::memcpy(&v, h + offset, 2);
-    return static_cast<int16_t>(swap ? __builtin_bswap16(v) : v);
-  };
-  uint32_t raw_offset;
-  std::memcpy(&raw_offset, h + 108, 4);
-  if (swap) raw_offset = __builtin_bswap32(raw_offset);
-  float vox_offset;
-  std::memcpy(&vox_offset, &raw_offset, 4);
-  const int16_t datatype = get16(70);
-  if (datatype != 16 && datatype != 64) return 0;  // only FLOAT32 and FLOAT64 can hold NaN
-  int64_t count = 1;
-  const int16_t ndim = get16(40);
-  for (int i = 1; i <= ndim && i <= 7; ++i) count *= std::max<int16_t>(1, get16(40 + 2 * i));
-  const size_t bytes = datatype == 16 ? 4 : 8;
-
-  in = gzopen(data_file.c_str(), "rb");
-  if (in == nullptr) return 0;
-  gzbuffer(in, 1 << 18);
-  if (gzseek(in, static_cast<z_off_t>(vox_offset), SEEK_SET) < 0) {
-    gzclose(in);
-    return 0;
-  }
-  std::vector<unsigned char> chunk(bytes << 16);
-  int64_t done = 0, bad = 0;
-  while (done < count) {
-    const int64_t n = std::min<int64_t>(count - done, 1 << 16);
-    const int read = gzread(in, chunk.data(), static_cast<unsigned>(n * bytes));
-    if (read <= 0) break;
-    const int64_t values = read / static_cast<int64_t>(bytes);
-    for (int64_t i = 0; i < values; ++i) {
-      unsigned char* p = chunk.data() + i * bytes;
-      if (swap) std::reverse(p, p + bytes);
-      bool finite;
-      if (bytes == 4) {
-        float f;
-        std::memcpy(&f, p, 4);
-        finite = std::isfinite(f);
-      } else {
-        double d;
-        std::memcpy(&d, p, 8);
-        finite = std::isfinite(d);
-      }
-      if (!finite) {
-        if (bad == 0) first = done + i;
-        ++bad;
-      }
-    }
-    done += values;
-  }
-  gzclose(in);
-  return bad;
-}
-
-void report_non_finite(const std::string& path, const at::Tensor& data, int64_t bad,
-                       int64_t first) {
+void report_non_finite(const std::string& path, const at::Tensor& data, int64_t bad, int64_t first) {
   // Report the first bad voxel as ITK index (x, y, z) and channel.
   const int64_t w = data.size(3), h = data.size(2), d = data.size(1);
   const int64_t x = first % w, y = (first / w) % h, z = (first / (w * h)) % d;
   const int64_t c = first / (w * h * d);
-  fail(path, "contains " + std::to_string(bad) + " NaN or infinite voxel(s), first at index (" +
-                 std::to_string(x) + ", " + std::to_string(y) + ", " + std::to_string(z) +
-                 ") channel " + std::to_string(c));
+  fail(path,
+       "contains " + std::to_string(bad) + " NaN or infinite voxel(s), first at index (" + std::to_string(x) + ", " +
+           std::to_string(y) + ", " + std::to_string(z) + ") channel " + std::to_string(c),
+       input_cause::kNonFiniteVoxels);
 }
 
 void refuse_non_finite(const std::string& path, const at::Tensor& data) {
@@ -317,11 +234,22 @@ void refuse_non_finite(const std::string& path, const at::Tensor& data) {
   if (bad > 0) report_non_finite(path, data, bad, first);
 }
 
-void refuse_bad_direction(const std::string& path, const Volume& volume) {
+// The geometry ITK produced, whatever the format: the net below the per-format header checks.
+void refuse_bad_geometry(const std::string& path, const Volume& volume) {
+  for (int i = 0; i < 3; ++i) {
+    io_detail::check_spacing(path, std::string("spacing along ") + "xyz"[i], volume.spacing[i], volume.spacing[i]);
+    io_detail::check_origin(path, std::string("origin ") + "xyz"[i], volume.origin[i]);
+  }
+  for (int i = 0; i < 9; ++i) {
+    io_detail::check_finite(path, "direction cosine " + std::to_string(i / 3) + "," + std::to_string(i % 3),
+                            volume.direction[i]);
+  }
   const double err = io_detail::orthonormality_error(volume.direction);
   if (err > kOrthonormalTolerance) {
-    fail(path, "has non-orthonormal direction cosines (largest |D^T D - I| entry " +
-                   std::to_string(err) + "); fix the header or resample the image");
+    fail(path,
+         "has non-orthonormal direction cosines (largest |D^T D - I| entry " + std::to_string(err) +
+             "); fix the header or resample the image",
+         input_cause::kImpossibleGeometry);
   }
 }
 
@@ -331,8 +259,8 @@ Volume volume_from_vector_image(FloatVectorImage* image) {
   io_detail::get_itk_geometry(image, volume);
   const auto dhw = io_detail::dhw_from_xyz(image->GetLargestPossibleRegion().GetSize());
   const int64_t c = image->GetNumberOfComponentsPerPixel();
-  const auto interleaved = at::from_blob(image->GetBufferPointer(), {dhw[0], dhw[1], dhw[2], c},
-                                         at::TensorOptions().dtype(at::kFloat));
+  const auto interleaved =
+      at::from_blob(image->GetBufferPointer(), {dhw[0], dhw[1], dhw[2], c}, at::TensorOptions().dtype(at::kFloat));
   volume.data = interleaved.permute({3, 0, 1, 2}).contiguous();
   return volume;
 }
@@ -357,15 +285,18 @@ Volume volume_from_4d(FloatImage4* image, int64_t time_point) {
 Volume read_file(const std::string& path, const ReadOptions& options) {
   std::error_code ec;
   const auto bytes = fs::file_size(path, ec);
-  if (ec) fail(path, "cannot be read (" + ec.message() + ")");
-  if (bytes == 0) fail(path, "is empty (0 bytes)");
+  if (ec) fail(path, "cannot be read (" + ec.message() + ")", input_cause::kMissingFile);
+  if (bytes == 0) fail(path, "is empty (0 bytes)", input_cause::kNotAnImage);
   refuse_nifti2(path);
+  const io_detail::PreflightResult preflight = io_detail::preflight_file(path);
 
   io_detail::WarningCapture capture;
   auto io = itk::ImageIOFactory::CreateImageIO(path.c_str(), itk::ImageIOFactory::ReadMode);
   if (!io) {
-    fail(path, "is not an image file mae can read (supported: .nii, .nii.gz, .hdr/.img, .mha, "
-               ".mhd, .nrrd, .nhdr, DICOM folder)");
+    fail(path,
+         "is not an image file mae can read (supported: .nii, .nii.gz, .hdr/.img, .mha, "
+         ".mhd, .nrrd, .nhdr, DICOM folder)",
+         input_cause::kNotAnImage);
   }
   Volume volume;
   try {
@@ -399,18 +330,15 @@ Volume read_file(const std::string& path, const ReadOptions& options) {
       }
     }
   } catch (const itk::ExceptionObject& e) {
-    fail(path, "ITK could not read it: " + one_line(e.GetDescription()));
+    fail(path, "ITK could not read it: " + one_line(e.GetDescription()), input_cause::kUnreadable);
   }
   refuse_warnings(path, capture);
-  refuse_bad_direction(path, volume);
+  refuse_bad_geometry(path, volume);
   refuse_non_finite(path, volume.data);
-  int64_t first = 0;
-  const int64_t bad = count_non_finite_nifti(path, first);
   // A time_point read holds one volume of the file: only the whole file's count is meaningful.
-  if (bad > 0) {
-    report_non_finite(path, options.time_point >= 0 ? volume.data.expand({1 << 30, -1, -1, -1})
-                                                    : volume.data,
-                      bad, first);
+  if (preflight.non_finite > 0) {
+    report_non_finite(path, options.time_point >= 0 ? volume.data.expand({1 << 30, -1, -1, -1}) : volume.data,
+                      preflight.non_finite, preflight.first_non_finite);
   }
   return volume;
 }
@@ -448,16 +376,15 @@ std::vector<SeriesEntry> scan_dicom_dir(const std::string& dir) {
       entries.push_back(std::move(entry));
     }
   } catch (const itk::ExceptionObject& e) {
-    fail(dir, "cannot scan the DICOM folder: " + one_line(e.GetDescription()));
+    fail(dir, "cannot scan the DICOM folder: " + one_line(e.GetDescription()), input_cause::kUnreadable);
   }
   // Series details can split one SeriesInstanceUID in two; the UID alone then names neither.
   for (auto& entry : entries) {
-    const auto same = std::count_if(entries.begin(), entries.end(), [&](const SeriesEntry& o) {
-      return o.info.uid == entry.info.uid;
-    });
+    const auto same = std::count_if(entries.begin(), entries.end(),
+                                    [&](const SeriesEntry& o) { return o.info.uid == entry.info.uid; });
     if (same > 1) entry.info.uid = entry.itk_id;
   }
-  if (entries.empty()) fail(dir, "is a folder without DICOM series");
+  if (entries.empty()) fail(dir, "is a folder without DICOM series", input_cause::kNotAnImage);
   return entries;
 }
 
@@ -465,8 +392,7 @@ std::string describe(const std::vector<SeriesEntry>& entries) {
   std::string out;
   for (size_t i = 0; i < entries.size(); ++i) {
     const auto& s = entries[i].info;
-    out += (i ? "; " : "") + s.uid + " \"" + s.description + "\" (" +
-           std::to_string(s.num_slices) + " slices)";
+    out += (i ? "; " : "") + s.uid + " \"" + s.description + "\" (" + std::to_string(s.num_slices) + " slices)";
   }
   return out;
 }
@@ -474,6 +400,8 @@ std::string describe(const std::vector<SeriesEntry>& entries) {
 template <typename Image>
 typename Image::Pointer read_series(const std::vector<std::string>& files) {
   auto reader = itk::ImageSeriesReader<Image>::New();
+  // check_dicom_series judged the slice spacing already, with a stated tolerance.
+  reader->SetSpacingWarningRelThreshold(1e30);
   reader->SetImageIO(itk::GDCMImageIO::New());
   reader->SetFileNames(files);
   reader->Update();
@@ -487,8 +415,9 @@ Volume read_dicom_dir(const std::string& dir, const ReadOptions& options) {
   const SeriesEntry* chosen = nullptr;
   if (options.series_uid.empty()) {
     if (entries.size() > 1) {
-      fail(dir, "holds " + std::to_string(entries.size()) +
-                    " DICOM series; set series_uid to one of: " + describe(entries));
+      fail(dir,
+           "holds " + std::to_string(entries.size()) + " DICOM series; set series_uid to one of: " + describe(entries),
+           input_cause::kAmbiguousSeries);
     }
     chosen = &entries.front();
   } else {
@@ -498,10 +427,19 @@ Volume read_dicom_dir(const std::string& dir, const ReadOptions& options) {
       }
     }
     if (chosen == nullptr) {
-      fail(dir, "has no DICOM series " + options.series_uid + "; it holds: " + describe(entries));
+      fail(dir, "has no DICOM series " + options.series_uid + "; it holds: " + describe(entries),
+           input_cause::kAmbiguousSeries);
     }
   }
 
+  if (!(options.slice_spacing_tolerance >= 0 && options.slice_spacing_tolerance < 1)) {
+    throw ConfigError("slice_spacing_tolerance must be in [0, 1), got " +
+                      io_detail::number_text(options.slice_spacing_tolerance));
+  }
+  {
+    io_detail::WarningCapture quiet;  // GDCM's notes while parsing headers; the checks refuse on their own
+    io_detail::check_dicom_series(dir, chosen->info.uid, chosen->files, options.slice_spacing_tolerance);
+  }
   io_detail::WarningCapture capture;
   Volume volume;
   try {
@@ -510,15 +448,16 @@ Volume read_dicom_dir(const std::string& dir, const ReadOptions& options) {
     io->ReadImageInformation();
     ImageInfo info = info_from_io(io);
     if (info.sizes.size() >= 3 && info.sizes[2] > 1 && chosen->files.size() > 1) {
-      fail(dir, "series " + chosen->info.uid + " has " + std::to_string(chosen->files.size()) +
-                    " multi-frame files; only one multi-frame file or single-frame slices are read");
+      fail(dir,
+           "series " + chosen->info.uid + " has " + std::to_string(chosen->files.size()) +
+               " multi-frame files; only one multi-frame file or single-frame slices are read",
+           input_cause::kUnsupportedFormat);
     }
     // The series is a stack of the first file's slices: its header stands for the whole.
     info.sizes.resize(2);
-    info.sizes.push_back(chosen->files.size() > 1 ? chosen->files.size()
-                                                  : io->GetNumberOfDimensions() > 2
-                                                        ? io->GetDimensions(2)
-                                                        : 1);
+    info.sizes.push_back(chosen->files.size() > 1          ? chosen->files.size()
+                         : io->GetNumberOfDimensions() > 2 ? io->GetDimensions(2)
+                                                           : 1);
     const Layout layout = check_info(dir, info, options);
     if (layout == Layout::kVector3d) {
       auto image = read_series<FloatVectorImage>(chosen->files);
@@ -528,12 +467,11 @@ Volume read_dicom_dir(const std::string& dir, const ReadOptions& options) {
       volume = io_detail::volume_from_itk(image);
     }
   } catch (const itk::ExceptionObject& e) {
-    fail(dir, "ITK could not read DICOM series " + chosen->info.uid + ": " +
-                  one_line(e.GetDescription()));
+    fail(dir, "ITK could not read DICOM series " + chosen->info.uid + ": " + one_line(e.GetDescription()),
+         input_cause::kUnreadable);
   }
   refuse_warnings(dir, capture);
-  refuse_truncated_dicom(dir, chosen->files);
-  refuse_bad_direction(dir, volume);
+  refuse_bad_geometry(dir, volume);
   refuse_non_finite(dir, volume.data);
   return volume;
 }
@@ -544,14 +482,14 @@ Volume read_volume(const std::string& path, const ReadOptions& options) {
   io_detail::ensure_itk_setup();
   std::error_code ec;
   const auto status = fs::status(path, ec);
-  if (!fs::exists(status)) fail(path, "does not exist");
+  if (!fs::exists(status)) fail(path, "does not exist", input_cause::kMissingFile);
   if (fs::is_directory(status)) return read_dicom_dir(path, options);
   return read_file(path, options);
 }
 
 std::vector<DicomSeriesInfo> list_dicom_series(const std::string& dir) {
   std::error_code ec;
-  if (!fs::is_directory(dir, ec)) fail(dir, "is not a folder");
+  if (!fs::is_directory(dir, ec)) fail(dir, "is not a folder", input_cause::kMissingFile);
   std::vector<DicomSeriesInfo> out;
   for (const auto& entry : scan_dicom_dir(dir)) out.push_back(entry.info);
   return out;

@@ -71,6 +71,7 @@ itk::Image<float, 3>::Pointer make_image(const std::array<double, 9>& direction)
 void write_dicom_series(const itk::Image<float, 3>* image, const std::string& dir,
                         const std::string& series_uid, const std::string& description) {
   using Slice = itk::Image<int16_t, 3>;
+  io_detail::WarningCapture quiet;  // GDCM notes on the headers ITK writes (no PhotometricInterpretation)
   std::filesystem::create_directories(dir);
   const auto size = image->GetLargestPossibleRegion().GetSize();
   for (itk::IndexValueType k = 0; k < static_cast<itk::IndexValueType>(size[2]); ++k) {
