@@ -1,6 +1,8 @@
 // mae-check-data: the pre-flight data check. Reads every volume of the dataset once through the
-// preprocessing cache (filling it for training), prints one line per volume and every failure at
-// the end. Exit status 0 when all volumes are usable, 2 when any failed or on bad usage/config.
+// preprocessing cache (filling it for training), prints one line per volume, a summary counting
+// refusals by cause ("checked 12 volumes: 9 ok, 3 refused (2 truncated data, 1 constant volume)")
+// and every failure at the end. Exit status 0 when all volumes are usable, 2 when any was refused
+// or on bad usage, config or dataset list (e.g. a volume listed twice).
 #include <nlohmann/json.hpp>
 
 #include <fstream>
@@ -17,14 +19,7 @@
 namespace {
 
 mae::DataConfig load_config(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw mae::ConfigError(path + ": cannot open the config file");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw mae::ConfigError(path + ": not valid JSON (" + e.what() + ")");
-  }
+  const nlohmann::json j = mae::read_json_file<mae::ConfigError>(path);
   mae::JsonReader root(j, "");
   mae::JsonReader data = root.child("data");  // other sections belong to other programs
   return mae::read_data_config(data);
@@ -33,19 +28,18 @@ mae::DataConfig load_config(const std::string& path) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Reads every volume of a dataset once (through the cache) and reports all problems.",
-               "mae-check-data"};
+  CLI::App app{"Reads every volume of a dataset once (through the cache) and reports all problems.", "mae-check-data"};
   std::string config_path, dataset, cache_dir;
   bool no_cache = false;
   int check_threads = 0;
   mae::CommonFlags common;
-  app.add_option("--config", config_path, "run config (JSON); its \"data\" section is used")->check(CLI::ExistingFile);
+  app.add_option("--config", config_path, "run config (JSON); its \"data\" section is used");
   app.add_option("--dataset", dataset, "dataset.json, list file or folder (overrides data.dataset)");
-  app.add_option("--cache-dir", cache_dir, "cache folder (overrides data.cache_dir; default " +
-                                               mae::default_cache_dir() + ")");
+  app.add_option("--cache-dir", cache_dir,
+                 "cache folder (overrides data.cache_dir; default " + mae::default_cache_dir() + ")");
   app.add_flag("--no-cache", no_cache, "read without the disk cache");
   app.add_option("--check-threads", check_threads, "volumes checked at once (0 = data.workers)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(mae::int_range(0, mae::kMaxThreads));
   mae::add_common_flags(app, common);
   return mae::run_program(app, argc, argv, [&] {
     mae::apply_common_flags(common);
@@ -61,20 +55,12 @@ int main(int argc, char** argv) {
     const mae::DatasetSplit split = mae::read_dataset(config.dataset, /*require_files=*/false);
     std::vector<mae::DatasetEntry> all = split.training;
     all.insert(all.end(), split.validation.begin(), split.validation.end());
-    std::cout << "checking " << all.size() << " volumes of " << config.dataset << " (cache "
-              << (config.cache_dir.empty() ? std::string("off") : config.cache_dir) << ")" << std::endl;
+    std::cout << "checking " << all.size() << (all.size() == 1 ? " volume of " : " volumes of ")
+              << mae::printable(config.dataset) << " (cache "
+              << (config.cache_dir.empty() ? std::string("off") : mae::printable(config.cache_dir)) << ")" << std::endl;
     const mae::CheckReport report = mae::check_data(all, config, check_threads);
-    for (const auto& v : report.volumes) std::cout << v.line() << "\n";
-    const int64_t bad = report.failures();
-    std::cout << (all.size() - bad) << " of " << all.size() << " volumes ok, " << bad << " failed" << std::endl;
-    if (bad > 0) {
-      std::cout << "failures:\n";
-      for (const auto& v : report.volumes) {
-        if (!v.ok) std::cout << "  " << v.failure() << "\n";
-      }
-      std::cout.flush();
-      return 2;
-    }
+    std::cout << report.text() << std::flush;
+    if (report.failures() > 0) return 2;
     return 0;
   });
 }

@@ -1,6 +1,7 @@
 // The deterministic half of preprocessing (read -> reorient -> resample -> intensity -> foreground
 // crop) and its on-disk cache: one file per volume, keyed by a hash of the source files (path, size,
-// modification time) and the deterministic settings, holding float16 voxels (float32 when a value
+// modification time, inode, status-change time and a hash of the first and last 4 KiB) and the
+// deterministic settings, holding float16 voxels (float32 when a value
 // exceeds float16's range) after a small header (magic, version, shape, geometry, source facts) and
 // a checksum. A damaged file is rebuilt with a warning, never trusted; files are written to a
 // temporary name and renamed, so a crash never leaves a half-written cache file.
@@ -21,10 +22,12 @@ namespace mae {
 
 /// Facts about a volume as it was read, before preprocessing.
 struct SourceInfo {
-  int64_t channels = 0;                      ///< C
-  std::array<int64_t, 3> shape_dhw{0, 0, 0}; ///< (D, H, W) as read
-  std::array<double, 3> spacing{0, 0, 0};    ///< mm (x, y, z) as read
-  std::string orientation;                   ///< orientation code as read
+  int64_t channels = 0;                       ///< C
+  std::array<int64_t, 3> shape_dhw{0, 0, 0};  ///< (D, H, W) as read
+  std::array<double, 3> spacing{0, 0, 0};     ///< mm (x, y, z) as read
+  std::string orientation;                    ///< orientation code as read
+  double min = 0.0;                           ///< smallest voxel as read (all channels)
+  double max = 0.0;                           ///< largest voxel as read (all channels)
 };
 
 /// A preprocessed volume and the facts about its source.
@@ -49,12 +52,20 @@ const char* to_string(CacheState state);
 /// other failures are rethrown as InputError naming the entry.
 PreprocessedVolume preprocess_volume(const DatasetEntry& entry, const DataConfig& config);
 
+/// A hash of x's shape and every voxel (as float32): equal for bit-identical volumes, different
+/// for any other with overwhelming probability.
+uint64_t voxel_hash(const at::Tensor& x);
+
 /// Rounds x: (C, D, H, W) float32 to the precision the cache stores (float16 unless a value is
 /// outside its range). Same shape.
 at::Tensor round_for_cache(const at::Tensor& x);
 
-/// Hash of what determines a preprocessed volume: the source files (path, size, modification time;
-/// every file of a DICOM folder), series_uid, read options and the deterministic settings.
+/// Hash of what determines a preprocessed volume: the source files (path, size, modification time,
+/// inode, status-change time and a hash of the first and last 4 KiB; every file of a DICOM folder,
+/// every data file beside a .mhd/.nhdr/.hdr header), series_uid, read options and the
+/// deterministic settings. A file replaced by other content of the same size with its old
+/// modification time restored (`touch -r`) gets a new key: replacing or rewriting a file always
+/// changes its status-change time, which no tool can set back.
 uint64_t cache_key(const DatasetEntry& entry, const DataConfig& config);
 
 /// The preprocessed-volume cache in `config.cache_dir` ("" = off). Thread-safe: several threads may
@@ -76,6 +87,8 @@ class VolumeCache {
   const DataConfig& config() const { return config_; }
 
  private:
+  std::string file_for(const DatasetEntry& entry, uint64_t key) const;
+
   DataConfig config_;
 };
 

@@ -37,13 +37,18 @@ bool is_orientation_code(const std::string& code) {
 void validate_data_config(const DataConfig& c) {
   if (c.dataset.empty()) throw ConfigError("\"data.dataset\" is required (a dataset.json, list file or folder)");
   if (!c.orientation.empty() && !is_orientation_code(c.orientation)) {
-    throw ConfigError("\"data.orientation\" = \"" + c.orientation +
-                      "\" is not an orientation code; use three letters, one of R/L, A/P, S/I (\"RAS\"), or \"\"");
+    throw ConfigError("\"data.orientation\" = " + json_text(c.orientation) +
+                      " is not an orientation code; use three letters, one of R/L, A/P, S/I (\"RAS\"), or \"\"");
   }
   if (c.spacing_mm) {
     for (double s : *c.spacing_mm) {
       if (!(s > 0.0) || !std::isfinite(s)) {
         throw ConfigError("\"data.spacing_mm\" has " + num(s) + "; every spacing must be a positive number of mm");
+      }
+      if (s < kMinTargetSpacingMm || s > kMaxTargetSpacingMm) {
+        throw ConfigError("\"data.spacing_mm\" has " + num(s) + " mm; every spacing must be " +
+                          num(kMinTargetSpacingMm) + " .. " + num(kMaxTargetSpacingMm) +
+                          " mm (micro-CT voxels to the thickest clinical slices)");
       }
     }
   }
@@ -61,40 +66,48 @@ void validate_data_config(const DataConfig& c) {
   if (c.foreground_threshold && !std::isfinite(*c.foreground_threshold)) {
     throw ConfigError("\"data.foreground_threshold\" must be a finite number or null");
   }
+  const double values[] = {in.a_min, in.a_max, in.b_min, in.b_max};
+  for (double v : values) {
+    if (!std::isfinite(v) || std::fabs(v) > kMaxIntensity) {
+      throw ConfigError("\"data.intensity\" has " + num(v) +
+                        "; a_min, a_max, b_min and b_max must be finite and at most " + num(kMaxIntensity) +
+                        " in size");
+    }
+  }
 }
 
 DataConfig read_data_config(JsonReader& r) {
   DataConfig c;
-  if (!r.has("dataset")) throw ConfigError("\"" + r.key_path("dataset") + "\" is required (a dataset.json, list file or folder)");
+  if (!r.has("dataset"))
+    throw ConfigError("\"" + r.key_path("dataset") + "\" is required (a dataset.json, list file or folder)");
   r.read("dataset", c.dataset);
   if (c.dataset.empty()) throw ConfigError("\"" + r.key_path("dataset") + "\" is empty");
   r.read_range("val_fraction", c.val_fraction, 0.0, 0.9);
   r.read("orientation", c.orientation);
-  if (r.has("spacing_mm")) {
-    double iso = 0.0;
-    std::vector<double> s;
+  if (const nlohmann::json* v = r.raw("spacing_mm"); v && !v->is_null()) {
     const auto key = r.key_path("spacing_mm");
-    try {
-      r.read("spacing_mm", iso);
+    std::vector<double> s;
+    if (v->is_number()) {
+      const double iso = JsonReader::convert<double>(*v, key);
       s = {iso, iso, iso};
-    } catch (const ConfigError&) {
-      try {
-        r.read("spacing_mm", s);
-      } catch (const ConfigError&) {
-        throw ConfigError("\"" + key + "\" has the wrong type; expected [x, y, z] in mm, one number, or null");
-      }
+    } else if (v->is_array()) {
+      s = JsonReader::convert<std::vector<double>>(*v, key);
+    } else {
+      throw ConfigError("\"" + key + "\" = " + json_text(*v) +
+                        " has the wrong type; expected [x, y, z] in mm, one number, or null");
     }
-    if (s.size() != 3) throw ConfigError("\"" + key + "\" must have 3 values [x, y, z] in mm, got " + std::to_string(s.size()));
+    if (s.size() != 3)
+      throw ConfigError("\"" + key + "\" must have 3 values [x, y, z] in mm, got " + std::to_string(s.size()));
     c.spacing_mm = std::array<double, 3>{s[0], s[1], s[2]};
-  }  // has() also marks a null spacing_mm as known
+  }
   {
     JsonReader in = r.child("intensity");
     auto& i = c.intensity;
     in.read_choice("mode", i.mode, {"ct_window", "zscore_nonzero", "percentile", "none"});
-    in.read("a_min", i.a_min);
-    in.read("a_max", i.a_max);
-    in.read("b_min", i.b_min);
-    in.read("b_max", i.b_max);
+    in.read_range("a_min", i.a_min, -kMaxIntensity, kMaxIntensity);
+    in.read_range("a_max", i.a_max, -kMaxIntensity, kMaxIntensity);
+    in.read_range("b_min", i.b_min, -kMaxIntensity, kMaxIntensity);
+    in.read_range("b_max", i.b_max, -kMaxIntensity, kMaxIntensity);
     in.read("clip", i.clip);
     in.read_range("lower_percentile", i.lower_percentile, 0.0, 100.0);
     in.read_range("upper_percentile", i.upper_percentile, 0.0, 100.0);
@@ -102,7 +115,7 @@ DataConfig read_data_config(JsonReader& r) {
   }
   if (r.has("foreground_threshold")) {
     double t = 0.0;
-    r.read("foreground_threshold", t);
+    r.read_range("foreground_threshold", t, -kMaxIntensity, kMaxIntensity);
     c.foreground_threshold = t;
   }
   r.read_range<int64_t>("num_samples", c.num_samples, 1, 4096);
@@ -113,6 +126,7 @@ DataConfig read_data_config(JsonReader& r) {
   r.read_choice("on_bad_volume", c.on_bad_volume, {"error", "skip"});
   r.read_range<int64_t>("time_point", c.time_point, -1, 1 << 20);
   r.read("fourth_axis_as_channels", c.fourth_axis_as_channels);
+  r.read_range("dicom_slice_tolerance", c.dicom_slice_tolerance, 0.0, 0.99);
   r.finish();
   validate_data_config(c);
   return c;

@@ -15,11 +15,13 @@
 //                            and there are >= 2 volumes, never all of them. Range 0 .. 0.9.
 //   orientation        "RAS" orientation code every volume is turned to; "" keeps the file's.
 //   spacing_mm         null  [x, y, z] mm (or one number = isotropic) to resample to; null = native.
+//                            Each 0.01 .. 100 mm (10 µm micro-CT voxels to the thickest slices).
 //   intensity                object:
 //     mode             "none"  "ct_window" | "zscore_nonzero" | "percentile" | "none"
 //     a_min, a_max     -175, 250  ct_window: input range (HU) mapped to b_min .. b_max
 //     b_min, b_max     0, 1    output range of ct_window and percentile
 //     clip             true    ct_window and percentile: clip the output to b_min .. b_max
+//                            (a_min .. b_max and foreground_threshold: finite, at most 1e12 in size)
 //     lower_percentile 0.5     percentile: the value at this percentile (0..100) maps to b_min ...
 //     upper_percentile 99.5    ... and this one to b_max (per channel, over all voxels)
 //                            zscore_nonzero: per channel, (x - mean) / std over the nonzero voxels
@@ -36,6 +38,8 @@
 //                            drops it with a log line.
 //   time_point         -1    4D input: read this time point (-1 refuses 4D input).
 //   fourth_axis_as_channels false  4D input: read the 4th axis as channels.
+//   dicom_slice_tolerance 0.1  DICOM series: largest accepted deviation of a slice-to-slice
+//                            distance from the series' median, relative to it (0 .. 0.99).
 //
 // Published settings: CT (SelfMedMAE on BTCV): orientation "RAS", spacing_mm [1.5, 1.5, 2.0],
 // intensity ct_window -175 .. 250 HU -> [0, 1] clipped, foreground_threshold 0, 96^3 crops,
@@ -51,6 +55,14 @@
 
 namespace mae {
 
+/// Smallest target spacing accepted (mm): micro-CT voxels are about 10 µm.
+inline constexpr double kMinTargetSpacingMm = 0.01;
+/// Largest target spacing accepted (mm): thick clinical slices are about 10 mm, PET voxels a few.
+inline constexpr double kMaxTargetSpacingMm = 100.0;
+/// Largest magnitude accepted for the intensity values and the foreground threshold: beyond any
+/// scanner's scale, and small enough that differences of them stay finite in float32.
+inline constexpr double kMaxIntensity = 1e12;
+
 /// Intensity normalisation, applied per channel after resampling.
 struct IntensityConfig {
   std::string mode = "none";       ///< "ct_window" | "zscore_nonzero" | "percentile" | "none"
@@ -65,20 +77,21 @@ struct IntensityConfig {
 
 /// The `data` section; see the file comment for each key's meaning.
 struct DataConfig {
-  std::string dataset;                             ///< dataset.json, text list, folder or one volume
-  double val_fraction = 0.1;                       ///< validation fraction when the list has none
-  std::string orientation = "RAS";                 ///< target orientation code, "" = keep
-  std::optional<std::array<double, 3>> spacing_mm; ///< target spacing (x, y, z) mm, nullopt = native
-  IntensityConfig intensity;                       ///< intensity normalisation
-  std::optional<double> foreground_threshold;      ///< foreground crop threshold, nullopt = off
-  int64_t num_samples = 1;                         ///< random crops per volume read
-  double flip_prob = 0.0;                          ///< flip probability per spatial axis
-  int workers = 2;                                 ///< loader threads, 0 = inline
-  int prefetch = 4;                                ///< batches queued ahead
-  std::string cache_dir;                           ///< disk cache folder, "" = none
-  std::string on_bad_volume = "error";             ///< "error" | "skip"
-  int64_t time_point = -1;                         ///< 4D input: time point, -1 = refuse 4D
-  bool fourth_axis_as_channels = false;            ///< 4D input: 4th axis as channels
+  std::string dataset;                              ///< dataset.json, text list, folder or one volume
+  double val_fraction = 0.1;                        ///< validation fraction when the list has none
+  std::string orientation = "RAS";                  ///< target orientation code, "" = keep
+  std::optional<std::array<double, 3>> spacing_mm;  ///< target spacing (x, y, z) mm, nullopt = native
+  IntensityConfig intensity;                        ///< intensity normalisation
+  std::optional<double> foreground_threshold;       ///< foreground crop threshold, nullopt = off
+  int64_t num_samples = 1;                          ///< random crops per volume read
+  double flip_prob = 0.0;                           ///< flip probability per spatial axis
+  int workers = 2;                                  ///< loader threads, 0 = inline
+  int prefetch = 4;                                 ///< batches queued ahead
+  std::string cache_dir;                            ///< disk cache folder, "" = none
+  std::string on_bad_volume = "error";              ///< "error" | "skip"
+  int64_t time_point = -1;                          ///< 4D input: time point, -1 = refuse 4D
+  bool fourth_axis_as_channels = false;             ///< 4D input: 4th axis as channels
+  double dicom_slice_tolerance = 0.1;               ///< DICOM: accepted slice-spacing jitter (relative)
 };
 
 /// Reads the `data` section strictly: unknown keys (also inside "intensity") are ConfigErrors

@@ -87,6 +87,10 @@ TEST_F(CacheTest, ChangedSettingsOrFileInvalidate) {
   other.spacing_mm.reset();
   VolumeCache(other).load(entry, &s);
   EXPECT_EQ(s, CacheState::built);
+  other = config;  // decides which DICOM series are read, so it is part of the key
+  other.dicom_slice_tolerance = 0.25;
+  VolumeCache(other).load(entry, &s);
+  EXPECT_EQ(s, CacheState::built);
   VolumeCache(config).load(entry, &s);
   EXPECT_EQ(s, CacheState::hit);
   // Rewrite the source with other voxels: the key changes (size/mtime), the volume is rebuilt.
@@ -100,6 +104,44 @@ TEST_F(CacheTest, ChangedSettingsOrFileInvalidate) {
   fs::last_write_time(entry.paths[0], fs::last_write_time(entry.paths[0]) + std::chrono::seconds(5));
   VolumeCache(config).load(entry, &s);
   EXPECT_EQ(s, CacheState::built);
+}
+
+// Same size, old modification time restored (`touch -r`): only the inode, the status-change time
+// and the content tell the files apart; the cache must not serve the old volume.
+TEST_F(CacheTest, ReplacedContentWithRestoredMtimeIsRebuilt) {
+  DataConfig raw;
+  raw.cache_dir = dir / "cache_raw";
+  raw.orientation = "";
+  const std::string path = dir / "vol.nii";
+  write_volume(make_volume(1, 6, 7, 8, 0, 1000), path);
+  const DatasetEntry e{{path}, ""};
+  VolumeCache cache(raw);
+  CacheState s;
+  const PreprocessedVolume first = cache.load(e, &s);
+  ASSERT_EQ(s, CacheState::built);
+  EXPECT_GT(first.volume.data.max().item<double>(), 100.0);
+  const auto size = fs::file_size(path);
+  const auto mtime = fs::last_write_time(path);
+  // In place (same inode).
+  write_volume(make_volume(1, 6, 7, 8, 7, 8, {1.0, 1.0, 1.0}, 3), path);
+  fs::last_write_time(path, mtime);
+  ASSERT_EQ(fs::file_size(path), size);
+  ASSERT_EQ(fs::last_write_time(path), mtime);
+  const PreprocessedVolume second = cache.load(e, &s);
+  EXPECT_EQ(s, CacheState::built);
+  EXPECT_GE(second.volume.data.min().item<double>(), 7.0);
+  EXPECT_LE(second.volume.data.max().item<double>(), 8.0);
+  // Replaced by renaming another file over it (a new inode).
+  write_volume(make_volume(1, 6, 7, 8, 20, 21, {1.0, 1.0, 1.0}, 4), dir / "other.nii");
+  fs::last_write_time(dir / "other.nii", mtime);
+  fs::rename(dir / "other.nii", path);
+  ASSERT_EQ(fs::file_size(path), size);
+  const PreprocessedVolume third = cache.load(e, &s);
+  EXPECT_EQ(s, CacheState::built);
+  EXPECT_GE(third.volume.data.min().item<double>(), 20.0);
+  // Unchanged since: a hit.
+  cache.load(e, &s);
+  EXPECT_EQ(s, CacheState::hit);
 }
 
 TEST_F(CacheTest, DamagedFileIsRebuiltWithAWarning) {

@@ -45,6 +45,7 @@ TEST(DataConfig, Defaults) {
   EXPECT_EQ(c.on_bad_volume, "error");
   EXPECT_EQ(c.time_point, -1);
   EXPECT_FALSE(c.fourth_axis_as_channels);
+  EXPECT_DOUBLE_EQ(c.dicom_slice_tolerance, 0.1);
 }
 
 TEST(DataConfig, PublishedCtSettings) {
@@ -93,8 +94,10 @@ TEST(DataConfig, WrongTypesAndRanges) {
   EXPECT_NE(config_error(R"({"dataset": "x", "num_samples": 0})").find("data.num_samples"), std::string::npos);
   EXPECT_NE(config_error(R"({"dataset": "x", "workers": -1})").find("data.workers"), std::string::npos);
   EXPECT_NE(config_error(R"({"dataset": "x", "prefetch": 0})").find("data.prefetch"), std::string::npos);
-  EXPECT_NE(config_error(R"({"dataset": "x", "intensity": {"mode": "zscore"}})").find("choose one of"), std::string::npos);
-  EXPECT_NE(config_error(R"({"dataset": "x", "on_bad_volume": "ignore"})").find("data.on_bad_volume"), std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "intensity": {"mode": "zscore"}})").find("choose one of"),
+            std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "on_bad_volume": "ignore"})").find("data.on_bad_volume"),
+            std::string::npos);
   EXPECT_NE(config_error(R"({"dataset": "x", "spacing_mm": [1, 2]})").find("3 values"), std::string::npos);
   EXPECT_NE(config_error(R"({"dataset": "x", "spacing_mm": [1, 0, 2]})").find("positive"), std::string::npos);
   EXPECT_NE(config_error(R"({"dataset": "x", "spacing_mm": "1mm"})").find("data.spacing_mm"), std::string::npos);
@@ -110,6 +113,53 @@ TEST(DataConfig, WrongTypesAndRanges) {
             std::string::npos);
   EXPECT_NE(config_error(R"({})").find("\"data.dataset\" is required"), std::string::npos);
   EXPECT_NE(config_error(R"({"dataset": "x", "intensity": 3})").find("must be a JSON object"), std::string::npos);
+}
+
+TEST(DataConfig, SpacingMustBeOneAScannerHas) {
+  EXPECT_NE(config_error(R"({"dataset": "x", "spacing_mm": 1e30})")
+                .find("\"data.spacing_mm\" has 1e+30 mm; every spacing must be 0.01 .. 100 mm"),
+            std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "spacing_mm": [1, 1, 0.001]})").find("0.001 mm"), std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "spacing_mm": [1, 1, 101]})").find("101 mm"), std::string::npos);
+  EXPECT_NE(
+      config_error(R"({"dataset": "x", "spacing_mm": true})").find("\"data.spacing_mm\" = true has the wrong type"),
+      std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "spacing_mm": [1, false, 1]})").find("\"data.spacing_mm[1]\" = false"),
+            std::string::npos);
+  EXPECT_EQ(*read(R"({"dataset": "x", "spacing_mm": [0.01, 100, 2]})").spacing_mm,
+            (std::array<double, 3>{0.01, 100, 2}));
+}
+
+TEST(DataConfig, StrictNumbersAndBounds) {
+  EXPECT_NE(
+      config_error(R"({"dataset": "x", "num_samples": 2.5})").find("\"data.num_samples\" = 2.5 is not a whole number"),
+      std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "workers": true})").find("\"data.workers\" = true has the wrong type"),
+            std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "time_point": 18446744073709551615})")
+                .find("\"data.time_point\" = 18446744073709551615 is out of range"),
+            std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "prefetch": 4294967300})").find("is out of range"), std::string::npos);
+  EXPECT_NE(
+      config_error(R"({"dataset": "x", "flip_prob": false})").find("\"data.flip_prob\" = false has the wrong type"),
+      std::string::npos);
+  EXPECT_NE(
+      config_error(R"({"dataset": "x", "intensity": {"a_max": 1e300}})").find("\"data.intensity.a_max\" = 1e+300"),
+      std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "foreground_threshold": -1e20})").find("data.foreground_threshold"),
+            std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "fourth_axis_as_channels": 1})").find("expected true or false"),
+            std::string::npos);
+  EXPECT_EQ(read(R"({"dataset": "x", "time_point": 3.0})").time_point, 3);
+  EXPECT_DOUBLE_EQ(read(R"({"dataset": "x", "dicom_slice_tolerance": 0.25})").dicom_slice_tolerance, 0.25);
+  EXPECT_NE(config_error(R"({"dataset": "x", "dicom_slice_tolerance": 1.0})").find("data.dicom_slice_tolerance"),
+            std::string::npos);
+}
+
+TEST(DataConfig, ControlCharactersInKeysDoNotSplitTheMessage) {
+  const std::string e = config_error("{\"dataset\": \"x\", \"num_s\\namples\": 2}");
+  EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+  EXPECT_NE(e.find("\"data.num_s\\namples\" is not a key"), std::string::npos) << e;
 }
 
 TEST(DataConfig, OrientationCodes) {
