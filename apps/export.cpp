@@ -9,17 +9,18 @@
 #include "core/error.h"
 #include "export/features.h"
 #include "export/monai_export.h"
+#include "infer/windows.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"mae-export: export a pretrained mae3d encoder for MONAI (ViT, UNETR, MaskedAutoEncoderViT), "
-               "or encode a volume with it"};
+  CLI::App app{
+      "mae-export: export a pretrained mae3d encoder for MONAI (ViT, UNETR, MaskedAutoEncoderViT), "
+      "or encode a volume with it"};
   app.name("mae-export");
   std::string checkpoint, out, format, features, axis_order = "monai";
-  bool cross_attention_keys = true;
+  bool cross_attention_keys = true, allow_diverged = false;
   double overlap = 0.25;
   mae::CommonFlags common;
-  app.add_option("--checkpoint", checkpoint, "checkpoint folder, or a run folder (its latest checkpoint)")
-      ->required();
+  app.add_option("--checkpoint", checkpoint, "checkpoint folder, or a run folder (its latest checkpoint)")->required();
   app.add_option("--out", out, "file to write (FILE.pt; the description goes to FILE.json)")->required();
   auto* format_opt =
       app.add_option("--format", format, "monai-vit | monai-unetr | monai-mae: the MONAI network to load into");
@@ -32,7 +33,10 @@ int main(int argc, char** argv) {
   auto* features_opt =
       app.add_option("--features", features, "encode this volume (file or DICOM folder) instead of exporting weights");
   auto* overlap_opt =
-      app.add_option("--overlap", overlap, "with --features: least overlap of neighbouring windows, in [0, 1)");
+      app.add_option("--overlap", overlap, "with --features: least overlap of neighbouring windows, 0 .. 0.75")
+          ->check(mae::real_range(0.0, mae::kMaxOverlap));
+  app.add_flag("--allow-diverged", allow_diverged,
+               "export a checkpoint marked diverged (its loss became non-finite) instead of refusing it");
   features_opt->excludes(format_opt)->excludes(cross_opt);
   overlap_opt->needs(features_opt);
   mae::add_common_flags(app, common);
@@ -40,12 +44,10 @@ int main(int argc, char** argv) {
   return mae::run_program(app, argc, argv, [&] {
     mae::apply_common_flags(common);
     const auto start = std::chrono::steady_clock::now();
-    auto seconds = [&] {
-      return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    };
+    auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
     const mae::AxisOrder order = mae::parse_axis_order(axis_order);
     if (!features.empty() || features_opt->count() > 0) {
-      const auto r = mae::export_features(checkpoint, features, out, overlap, order);
+      const auto r = mae::export_features(checkpoint, features, out, overlap, order, allow_diverged);
       std::cout << "wrote " << r.pt_path << " (" << r.num_windows << " windows) and " << r.json_path << " in "
                 << seconds() << " s" << std::endl;
       return 0;
@@ -57,6 +59,7 @@ int main(int argc, char** argv) {
     options.format = mae::parse_export_format(format);
     options.cross_attention_keys = cross_attention_keys;
     options.axis_order = order;
+    options.allow_diverged = allow_diverged;
     const auto r = mae::export_checkpoint(checkpoint, out, options);
     std::cout << "wrote " << r.pt_path << " (" << r.num_tensors << " tensors, " << r.num_values << " values) and "
               << r.json_path << " in " << seconds() << " s" << std::endl;

@@ -8,7 +8,21 @@
 #include "train/config.h"
 #include "train/trainer.h"
 
+namespace {
+
+// Runs from the executable's .preinit_array: before any shared library's initialisers (LibTorch's
+// and ITK's static set-up take about half a second), so a Ctrl-C at any moment of start-up is a
+// handled stop. The handler only sets a flag, which needs nothing initialised.
+void install_handlers_before_library_init(int, char**, char**) { mae::install_stop_signal_handlers(); }
+
+}  // namespace
+
+__attribute__((section(".preinit_array"),
+               used)) static void (*const kEarlyHandlers)(int, char**, char**) = install_handlers_before_library_init;
+
 int main(int argc, char** argv) {
+  // Again at the start of main, in case a library's set-up replaced the handlers.
+  mae::install_stop_signal_handlers();
   CLI::App app{"mae-pretrain: pretrain a 3D masked autoencoder on a folder or list of volumes"};
   app.name("mae-pretrain");
   std::string config_path;
@@ -30,7 +44,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
   int threads_flag = -1;
   app.add_option("--threads", threads_flag, "intra-op threads (overrides the config's threads; 0 = all)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(mae::int_range(0, mae::kMaxThreads));
 
   return mae::run_program(app, argc, argv, [&] {
     if (threads_flag >= 0) overrides.push_back("threads=" + std::to_string(threads_flag));
@@ -46,9 +60,21 @@ int main(int argc, char** argv) {
     options.resume_from = resume_path;
     options.dry_run = dry_run;
     options.check_data_only = check_data;
-    mae::install_stop_signal_handlers();
     const auto result = mae::train(config, options);
-    if (check_data) return result.data_failures > 0 ? 2 : 0;
+    if (result.before_training) {
+      if (result.resumed_from.empty() && !options.resume) {
+        std::cerr << "mae-pretrain: stopped before training started; nothing to resume" << std::endl;
+      } else {
+        std::cerr << "mae-pretrain: stopped before training started; the run is unchanged"
+                  << (result.resumed_from.empty() ? std::string() : " at " + result.resumed_from)
+                  << " (continue with --resume)" << std::endl;
+      }
+      return result.signal == SIGTERM ? 143 : 130;
+    }
+    if (check_data) {
+      std::cout << result.data_report << std::flush;
+      return result.data_failures > 0 ? 2 : 0;
+    }
     if (dry_run) {
       std::cout << "dry run: config, data and model are fine" << std::endl;
       return 0;

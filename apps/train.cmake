@@ -1,4 +1,13 @@
 # Programs of the training area.
 if(TARGET mae_train)
-  mae_add_app(mae-pretrain ${CMAKE_CURRENT_LIST_DIR}/pretrain.cpp mae_train mae_cli)
+  # mae-pretrain is a tiny launcher that blocks SIGINT/SIGTERM and executes mae-pretrain-main, so a
+  # Ctrl-C while LibTorch and ITK load is a handled stop rather than a kill (apps/launch_blocked.c).
+  add_executable(mae-pretrain-main ${CMAKE_CURRENT_LIST_DIR}/pretrain.cpp)
+  target_link_libraries(mae-pretrain-main PRIVATE mae_train mae_cli mae_warnings)
+  install(TARGETS mae-pretrain-main RUNTIME DESTINATION libexec/mae3d)
+  add_executable(mae-pretrain ${CMAKE_CURRENT_LIST_DIR}/launch_blocked.c)
+  target_compile_definitions(mae-pretrain PRIVATE MAE3D_PROGRAM="mae-pretrain-main")
+  target_compile_options(mae-pretrain PRIVATE -Wall -Wextra)
+  add_dependencies(mae-pretrain mae-pretrain-main)
+  install(TARGETS mae-pretrain RUNTIME DESTINATION bin)
 endif()

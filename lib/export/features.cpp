@@ -1,8 +1,8 @@
 #include "export/features.h"
 
 #include <ATen/ATen.h>
-#include <torch/version.h>
 #include <torch/csrc/autograd/grad_mode.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -33,8 +33,8 @@ EncoderFeatures encode_volume(MaskedAutoencoderImpl& model, const at::Tensor& vo
                      " channel(s) but the model was trained on " + std::to_string(o.in_channels()));
   }
   const auto& win = o.img_size();
-  const auto origins = window_origins({volume.size(1), volume.size(2), volume.size(3)}, {win[0], win[1], win[2]},
-                                      overlap);
+  const auto origins =
+      window_origins({volume.size(1), volume.size(2), volume.size(3)}, {win[0], win[1], win[2]}, overlap);
   const int64_t W = static_cast<int64_t>(origins.size());
   const auto x = volume.to(at::kFloat).contiguous();
 
@@ -65,8 +65,7 @@ EncoderFeatures encode_volume(MaskedAutoencoderImpl& model, const at::Tensor& vo
   return f;
 }
 
-EncoderFeatures to_axis_order(const EncoderFeatures& features, const std::vector<int64_t>& grid,
-                              AxisOrder axis_order) {
+EncoderFeatures to_axis_order(const EncoderFeatures& features, const std::vector<int64_t>& grid, AxisOrder axis_order) {
   if (axis_order == AxisOrder::native) return features;
   EncoderFeatures f;
   f.windows = reverse_spatial_axes(features.windows);
@@ -77,15 +76,16 @@ EncoderFeatures to_axis_order(const EncoderFeatures& features, const std::vector
 }
 
 FeaturesResult export_features(const std::string& checkpoint, const std::string& volume_path,
-                               const std::string& out_path, double overlap, AxisOrder axis_order) {
+                               const std::string& out_path, double overlap, AxisOrder axis_order, bool allow_diverged) {
   std::error_code ec;
   if (volume_path.empty() || !fs::exists(volume_path, ec)) {
     throw InputError("--features " + volume_path + ": no such file or folder");
   }
-  if (!(overlap >= 0.0 && overlap < 1.0)) {
-    throw ConfigError("--overlap " + std::to_string(overlap) + " must be in [0, 1)");
+  if (!(overlap >= 0.0 && overlap <= kMaxOverlap)) {
+    throw ConfigError("--overlap " + std::to_string(overlap) + " must be in [0, " + std::to_string(kMaxOverlap) + "]");
   }
   TrainedModel trained = load_trained_model(checkpoint);
+  refuse_diverged(trained, allow_diverged);
   check_output_folder(out_path, "--out");
 
   // The training loader's values: preprocess_volume plus the cache's float16 rounding.
@@ -106,7 +106,7 @@ FeaturesResult export_features(const std::string& checkpoint, const std::string&
   j["file"] = fs::absolute(out_path).lexically_normal().string();
   j["created_by"] = std::string("mae-export (mae3d ") + MAE3D_VERSION + ", LibTorch " + TORCH_VERSION + ")";
   j["volume"] = fs::absolute(volume_path).lexically_normal().string();
-  j["checkpoint"] = {{"path", fs::absolute(trained.dir).lexically_normal().string()}, {"step", trained.step}};
+  j["checkpoint"] = checkpoint_description(trained);
   j["overlap"] = overlap;
   j["source"] = {{"channels", pv.source.channels},
                  {"shape_dhw", pv.source.shape_dhw},
@@ -131,9 +131,13 @@ FeaturesResult export_features(const std::string& checkpoint, const std::string&
                       ") float32: the exact encoder inputs (model-sized windows of the preprocessed volume)" +
                       (monai ? ", as MONAI arrays: mae3d's (C, d, h, w) windows with the spatial axes reversed" : "")},
       {"origins", "(W, 3) int64: voxel offset " + axes + " of each window in the preprocessed volume"},
-      {"tokens", "(W, N, E) float32: encoder output on all patches, no cls token, after the final LayerNorm; "
-                 "patch t = a*g1*g2 + b*g2 + c at position (a, b, c) of the " + axes + " patch grid \"grid\" (as a "
-                 "ViT exported with --axis-order " + to_string(axis_order) + " computes them from the windows)"},
+      {"tokens",
+       "(W, N, E) float32: encoder output on all patches, no cls token, after the final LayerNorm; "
+       "patch t = a*g1*g2 + b*g2 + c at position (a, b, c) of the " +
+           axes +
+           " patch grid \"grid\" (as a "
+           "ViT exported with --axis-order " +
+           to_string(axis_order) + " computes them from the windows)"},
       {"pooled", "(E) float32: mean of tokens over all windows and patches"}};
   j["grid"] = in_axis_order(grid, axis_order);
 

@@ -33,14 +33,13 @@ EncoderFeatures encode_volume(MaskedAutoencoderImpl& model, const at::Tensor& vo
 
 /// Features from encode_volume (mae3d's order) in `axis_order`: for monai, windows with their spatial
 /// axes reversed, origins as (i, j, k) and tokens in the raster of the reversed `grid`; pooled as it is.
-EncoderFeatures to_axis_order(const EncoderFeatures& features, const std::vector<int64_t>& grid,
-                              AxisOrder axis_order);
+EncoderFeatures to_axis_order(const EncoderFeatures& features, const std::vector<int64_t>& grid, AxisOrder axis_order);
 
 /// Where a features export went.
 struct FeaturesResult {
-  std::string pt_path;    ///< the tensor file
-  std::string json_path;  ///< the description beside it
-  int64_t num_windows = 0; ///< W
+  std::string pt_path;      ///< the tensor file
+  std::string json_path;    ///< the description beside it
+  int64_t num_windows = 0;  ///< W
 };
 
 /// Loads the checkpoint with its own config, preprocesses `volume_path` as training did (read,
@@ -48,8 +47,9 @@ struct FeaturesResult {
 /// writes {"windows", "origins", "tokens", "pooled"} in `axis_order` to `out_path` plus a JSON
 /// description (axis order, shapes, checkpoint, preprocessing) beside it. CheckpointError /
 /// InputError naming the file for bad input, IoError naming `out_path` when it cannot be written.
+/// A checkpoint marked diverged is refused (CheckpointError) unless `allow_diverged`.
 FeaturesResult export_features(const std::string& checkpoint, const std::string& volume_path,
-                               const std::string& out_path, double overlap,
-                               AxisOrder axis_order = AxisOrder::monai);
+                               const std::string& out_path, double overlap, AxisOrder axis_order = AxisOrder::monai,
+                               bool allow_diverged = false);
 
 }  // namespace mae

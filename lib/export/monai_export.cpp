@@ -64,9 +64,12 @@ void add_cross_attention(NamedTensors& out, const std::string& prefix, int64_t w
 
 const char* network_name(ExportFormat format) {
   switch (format) {
-    case ExportFormat::monai_vit: return "ViT";
-    case ExportFormat::monai_unetr: return "UNETR";
-    case ExportFormat::monai_mae: return "MaskedAutoEncoderViT";
+    case ExportFormat::monai_vit:
+      return "ViT";
+    case ExportFormat::monai_unetr:
+      return "UNETR";
+    case ExportFormat::monai_mae:
+      return "MaskedAutoEncoderViT";
   }
   return "?";
 }
@@ -108,9 +111,12 @@ std::string load_snippet(ExportFormat format, const MaskedAutoencoderOptions& o,
 
 const char* to_string(ExportFormat format) {
   switch (format) {
-    case ExportFormat::monai_vit: return "monai-vit";
-    case ExportFormat::monai_unetr: return "monai-unetr";
-    case ExportFormat::monai_mae: return "monai-mae";
+    case ExportFormat::monai_vit:
+      return "monai-vit";
+    case ExportFormat::monai_unetr:
+      return "monai-unetr";
+    case ExportFormat::monai_mae:
+      return "monai-mae";
   }
   return "?";
 }
@@ -132,9 +138,12 @@ void check_unetr_compatible(const MaskedAutoencoderOptions& o) {
   if (problems.empty()) return;
   std::string what;
   for (size_t i = 0; i < problems.size(); ++i) what += (i ? ", " : "") + problems[i];
-  throw ConfigError("--format monai-unetr: MONAI's UNETR fixes a 3D ViT with 12 layers and patch size 16, but this "
-                    "checkpoint has " + what + "; export with --format monai-vit and build the segmentation network "
-                    "around that ViT instead");
+  throw ConfigError(
+      "--format monai-unetr: MONAI's UNETR fixes a 3D ViT with 12 layers and patch size 16, but this "
+      "checkpoint has " +
+      what +
+      "; export with --format monai-vit and build the segmentation network "
+      "around that ViT instead");
 }
 
 NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions& export_options) {
@@ -179,9 +188,9 @@ NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions&
   // MONAI's TransformerBlock state_dict order: mlp, norm1, attn (out_proj before qkv), norm2,
   // norm_cross_attn, cross_attn.
   auto block = [&](const std::string& from, const std::string& to, int64_t width) {
-    for (const char* name : {"mlp.linear1.weight", "mlp.linear1.bias", "mlp.linear2.weight", "mlp.linear2.bias",
-                             "norm1.weight", "norm1.bias", "attn.out_proj.weight", "attn.out_proj.bias",
-                             "attn.qkv.weight"}) {
+    for (const char* name :
+         {"mlp.linear1.weight", "mlp.linear1.bias", "mlp.linear2.weight", "mlp.linear2.bias", "norm1.weight",
+          "norm1.bias", "attn.out_proj.weight", "attn.out_proj.bias", "attn.qkv.weight"}) {
       take(from + name, to + name);
     }
     if (o.qkv_bias()) take(from + "attn.qkv.bias", to + "attn.qkv.bias");
@@ -239,22 +248,21 @@ std::string monai_constructor(const MaskedAutoencoderOptions& o, ExportFormat fo
                                   ", qkv_bias=" + py_bool(o.qkv_bias()) + ")";
   switch (format) {
     case ExportFormat::monai_vit:
-      s << "ViT(in_channels=" << o.in_channels() << ", img_size=" << img_size
-        << ", patch_size=" << patch_size << ", hidden_size=" << o.hidden_size()
-        << ", mlp_dim=" << o.mlp_dim() << ", num_layers=" << o.num_layers() << ", num_heads=" << o.num_heads()
-        << ", proj_type=" << py_str(o.proj_type()) << ", pos_embed_type=" << py_str(o.pos_embed_type())
-        << ", classification=False, " << common_tail;
+      s << "ViT(in_channels=" << o.in_channels() << ", img_size=" << img_size << ", patch_size=" << patch_size
+        << ", hidden_size=" << o.hidden_size() << ", mlp_dim=" << o.mlp_dim() << ", num_layers=" << o.num_layers()
+        << ", num_heads=" << o.num_heads() << ", proj_type=" << py_str(o.proj_type())
+        << ", pos_embed_type=" << py_str(o.pos_embed_type()) << ", classification=False, " << common_tail;
       break;
     case ExportFormat::monai_unetr:
-      s << "UNETR(in_channels=" << o.in_channels() << ", out_channels=num_classes, img_size="
-        << img_size << ", feature_size=16, hidden_size=" << o.hidden_size()
-        << ", mlp_dim=" << o.mlp_dim() << ", num_heads=" << o.num_heads() << ", proj_type=" << py_str(o.proj_type())
+      s << "UNETR(in_channels=" << o.in_channels() << ", out_channels=num_classes, img_size=" << img_size
+        << ", feature_size=16, hidden_size=" << o.hidden_size() << ", mlp_dim=" << o.mlp_dim()
+        << ", num_heads=" << o.num_heads() << ", proj_type=" << py_str(o.proj_type())
         << ", norm_name=\"instance\", conv_block=True, res_block=True, " << common_tail;
       break;
     case ExportFormat::monai_mae:
       s << "MaskedAutoEncoderViT(in_channels=" << o.in_channels() << ", img_size=" << img_size
-        << ", patch_size=" << patch_size << ", hidden_size=" << o.hidden_size()
-        << ", mlp_dim=" << o.mlp_dim() << ", num_layers=" << o.num_layers() << ", num_heads=" << o.num_heads()
+        << ", patch_size=" << patch_size << ", hidden_size=" << o.hidden_size() << ", mlp_dim=" << o.mlp_dim()
+        << ", num_layers=" << o.num_layers() << ", num_heads=" << o.num_heads()
         << ", masking_ratio=" << py_float(o.masking_ratio()) << ", decoder_hidden_size=" << o.decoder_hidden_size()
         << ", decoder_mlp_dim=" << o.decoder_mlp_dim() << ", decoder_num_layers=" << o.decoder_num_layers()
         << ", decoder_num_heads=" << o.decoder_num_heads() << ", proj_type=" << py_str(o.proj_type())
@@ -276,10 +284,13 @@ std::string axis_order_description(AxisOrder axis_order, const std::string& orie
            ", i the fastest image index (NIfTI i, ITK x), k the slowest (NIfTI k, ITK z); no transpose. The weights "
            "were rewritten from mae3d's (C, D, H, W) = (C, k, j, i) order (patch kernels, in-patch voxel order, "
            "token raster), so img_size and patch_size read (i, j, k) and tokens are in the raster of the (i, j, k) "
-           "patch grid" + codes + ".";
+           "patch grid" +
+           codes + ".";
   }
   return "network input (B, C, D, H, W) in mae3d's order: D is the slowest image index (NIfTI k, ITK z), W the fastest "
-         "(NIfTI i, ITK x), " + oriented + codes + ". MONAI's LoadImage gives (C, i, j, k): reverse the spatial axes "
+         "(NIfTI i, ITK x), " +
+         oriented + codes +
+         ". MONAI's LoadImage gives (C, i, j, k): reverse the spatial axes "
          "before the network (x.permute(0, 1, 4, 3, 2)), or export with --axis-order monai.";
 }
 
@@ -301,8 +312,8 @@ nlohmann::json preprocessing_description(const Config& config, AxisOrder axis_or
   if (!d.orientation.empty()) t.push_back("Orientationd(keys=\"image\", axcodes=" + py_str(d.orientation) + ")");
   if (d.spacing_mm) {
     const auto& s = *d.spacing_mm;
-    t.push_back("Spacingd(keys=\"image\", pixdim=(" + py_float(s[0]) + ", " + py_float(s[1]) + ", " +
-                py_float(s[2]) + "), mode=\"bilinear\")");
+    t.push_back("Spacingd(keys=\"image\", pixdim=(" + py_float(s[0]) + ", " + py_float(s[1]) + ", " + py_float(s[2]) +
+                "), mode=\"bilinear\")");
   }
   const auto& in = d.intensity;
   if (in.mode == "ct_window") {
@@ -326,6 +337,23 @@ nlohmann::json preprocessing_description(const Config& config, AxisOrder axis_or
   return p;
 }
 
+void refuse_diverged(const TrainedModel& trained, bool allow) {
+  if (!trained.diverged || allow) return;
+  throw CheckpointError(trained.dir + ": the checkpoint is marked diverged (" + trained.diverged_reason +
+                        "); export an earlier checkpoint, or pass --allow-diverged to export it anyway");
+}
+
+nlohmann::json checkpoint_description(const TrainedModel& trained) {
+  nlohmann::json c = {{"path", fs::absolute(trained.dir).lexically_normal().string()},
+                      {"step", trained.step},
+                      {"run_id", trained.run_id}};
+  if (trained.diverged) {
+    c["diverged"] = true;
+    c["diverged_reason"] = trained.diverged_reason;
+  }
+  return c;
+}
+
 nlohmann::json export_description(const TrainedModel& trained, const ExportOptions& export_options,
                                   const NamedTensors& tensors, const std::string& pt_path) {
   const auto o = trained.model->options();
@@ -337,7 +365,7 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
   j["format"] = to_string(format);
   j["file"] = abs_path;
   j["created_by"] = std::string("mae-export (mae3d ") + MAE3D_VERSION + ", LibTorch " + TORCH_VERSION + ")";
-  j["checkpoint"] = {{"path", fs::absolute(trained.dir).lexically_normal().string()}, {"step", trained.step}};
+  j["checkpoint"] = checkpoint_description(trained);
 
   nlohmann::json a;
   a["spatial_dims"] = o.spatial_dims();
@@ -389,20 +417,23 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
 
   std::vector<std::string> notes;
   if (o.pos_embed_type() == "sincos" && axis_order == AxisOrder::native) {
-    notes.push_back("patch_embedding.position_embeddings holds the fixed sin-cos table the encoder was trained with "
-                    "(MONAI builds the same table for pos_embed_type=\"sincos\"; loading overwrites it either way).");
+    notes.push_back(
+        "patch_embedding.position_embeddings holds the fixed sin-cos table the encoder was trained with "
+        "(MONAI builds the same table for pos_embed_type=\"sincos\"; loading overwrites it either way).");
   } else if (o.pos_embed_type() == "sincos") {
-    notes.push_back("patch_embedding.position_embeddings holds the fixed sin-cos table the encoder was trained with, "
-                    "its tokens reordered to the (i, j, k) raster. MONAI's own sin-cos table for the reversed grid "
-                    "gives the i and k axes each other's channel blocks, so it is not this table: keep the loaded one "
-                    "(loading overwrites MONAI's; do not rebuild it).");
+    notes.push_back(
+        "patch_embedding.position_embeddings holds the fixed sin-cos table the encoder was trained with, "
+        "its tokens reordered to the (i, j, k) raster. MONAI's own sin-cos table for the reversed grid "
+        "gives the i and k axes each other's channel blocks, so it is not this table: keep the loaded one "
+        "(loading overwrites MONAI's; do not rebuild it).");
   } else {
     notes.push_back("patch_embedding.position_embeddings holds the encoder's \"" + o.pos_embed_type() +
                     "\" position table as trained (zeros for \"none\").");
   }
   if (format == ExportFormat::monai_unetr) {
-    notes.push_back("UNETR builds its ViT with pos_embed_type=\"learnable\": the loaded positions become trainable "
-                    "during fine-tuning. Only vit.* is pretrained; encoder1-4, decoder2-5 and out start fresh.");
+    notes.push_back(
+        "UNETR builds its ViT with pos_embed_type=\"learnable\": the loaded positions become trainable "
+        "during fine-tuning. Only vit.* is pretrained; encoder1-4, decoder2-5 and out start fresh.");
   }
   if (format != ExportFormat::monai_mae) {
     notes.push_back("cls_token, mask_tokens and the decoder are not exported; blocks." +
@@ -439,6 +470,7 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
 ExportResult export_checkpoint(const std::string& checkpoint, const std::string& out_path,
                                const ExportOptions& export_options) {
   TrainedModel trained = load_trained_model(checkpoint);
+  refuse_diverged(trained, export_options.allow_diverged);
   if (export_options.format == ExportFormat::monai_unetr) check_unetr_compatible(trained.model->options());
   check_output_folder(out_path, "--out");
   const NamedTensors tensors = monai_state_dict(*trained.model, export_options);

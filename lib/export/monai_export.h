@@ -57,7 +57,16 @@ struct ExportOptions {
   ExportFormat format = ExportFormat::monai_vit;  ///< target network
   bool cross_attention_keys = true;               ///< add MONAI >= 1.4's unused cross-attention keys
   AxisOrder axis_order = AxisOrder::monai;        ///< spatial axis order the exported network expects
+  bool allow_diverged = false;                    ///< export a checkpoint marked diverged anyway
 };
+
+/// CheckpointError naming the checkpoint and its divergence reason when `trained` is marked diverged
+/// and `allow` is false (mae-export's --allow-diverged sets it).
+void refuse_diverged(const TrainedModel& trained, bool allow);
+
+/// The "checkpoint" entry of export descriptions: path, step, run id, and the diverged flag and
+/// reason when the checkpoint is marked diverged.
+nlohmann::json checkpoint_description(const TrainedModel& trained);
 
 /// Throws ConfigError (naming --format monai-unetr and what differs) unless the model fits MONAI's
 /// UNETR: 3D, exactly 12 encoder layers and patch size 16 on every axis.
@@ -92,15 +101,16 @@ std::string axis_order_description(AxisOrder axis_order, const std::string& orie
 
 /// Where an export went.
 struct ExportResult {
-  std::string pt_path;     ///< the tensor file
-  std::string json_path;   ///< the description beside it
-  int64_t num_tensors = 0; ///< keys in the tensor file
-  int64_t num_values = 0;  ///< scalars over all tensors
+  std::string pt_path;      ///< the tensor file
+  std::string json_path;    ///< the description beside it
+  int64_t num_tensors = 0;  ///< keys in the tensor file
+  int64_t num_values = 0;   ///< scalars over all tensors
 };
 
 /// Loads the checkpoint (folder or run folder) with its own config, exports it to `out_path` and
-/// writes the description beside it. CheckpointError for a bad checkpoint, ConfigError for an
-/// impossible format, IoError naming the file when it cannot be written.
+/// writes the description beside it. CheckpointError for a bad checkpoint or a diverged one (unless
+/// export_options.allow_diverged), ConfigError for an impossible format, IoError naming the file
+/// when it cannot be written.
 ExportResult export_checkpoint(const std::string& checkpoint, const std::string& out_path,
                                const ExportOptions& export_options);
 

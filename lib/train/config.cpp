@@ -1,25 +1,50 @@
 #include "train/config.h"
 
-#include <fstream>
 #include <limits>
 #include <sstream>
 
 #include "core/error.h"
 #include "core/json_reader.h"
+#include "core/printable.h"
+#include "core/threads.h"
 
 namespace mae {
 
 namespace {
 
+constexpr int64_t kMaxImgSize = 1024;  // per axis: a 1024³ float crop is already 4 GiB per sample
+constexpr int64_t kMaxTokens = 65536;  // patches per crop; 216 for the 96³ / 16 default
+constexpr double kMinLr = 1e-12;       // a learning rate must be positive
+constexpr double kMaxLr = 1.0;         // no AdamW recipe uses more; larger values only diverge
+
+std::string num(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+// Every entry of a size list in 1 .. max.
+void check_sizes(const std::string& key, const std::vector<int64_t>& sizes, int64_t max, const std::string& unit) {
+  for (int64_t s : sizes) {
+    if (s < 1 || s > max) {
+      throw ConfigError("\"" + key + "\" has " + std::to_string(s) + "; every entry must be 1 .. " +
+                        std::to_string(max) + " " + unit);
+    }
+  }
+}
+
 void read_model(JsonReader r, ModelConfig& m) {
   r.read_range<int64_t>("in_channels", m.in_channels, 1, 64);
   r.read("img_size", m.img_size);
   r.read("patch_size", m.patch_size);
+  check_sizes(r.key_path("img_size"), m.img_size, kMaxImgSize, "voxels");
+  check_sizes(r.key_path("patch_size"), m.patch_size, kMaxImgSize, "voxels");
+  r.read_range("masking_ratio", m.masking_ratio, 0.0, 1.0);
+  r.read_range("dropout_rate", m.dropout_rate, 0.0, 1.0);
   r.read_range<int64_t>("hidden_size", m.hidden_size, 1, 16384);
   r.read_range<int64_t>("mlp_dim", m.mlp_dim, 1, 65536);
   r.read_range<int64_t>("num_layers", m.num_layers, 1, 256);
   r.read_range<int64_t>("num_heads", m.num_heads, 1, 1024);
-  r.read("masking_ratio", m.masking_ratio);
   r.read_range<int64_t>("decoder_hidden_size", m.decoder_hidden_size, 1, 16384);
   r.read_range<int64_t>("decoder_mlp_dim", m.decoder_mlp_dim, 1, 65536);
   r.read_range<int64_t>("decoder_num_layers", m.decoder_num_layers, 1, 256);
@@ -27,7 +52,6 @@ void read_model(JsonReader r, ModelConfig& m) {
   r.read("proj_type", m.proj_type);
   r.read("pos_embed_type", m.pos_embed_type);
   r.read("decoder_pos_embed_type", m.decoder_pos_embed_type);
-  r.read("dropout_rate", m.dropout_rate);
   r.read("qkv_bias", m.qkv_bias);
   r.read("norm_pix_loss", m.norm_pix_loss);
   r.finish();
@@ -40,6 +64,15 @@ void read_model(JsonReader r, ModelConfig& m) {
   } catch (const ConfigError& e) {
     throw ConfigError(std::string("model.") + e.what());
   }
+  // Sizes are each <= 1024 and patch_size divides img_size, so this product cannot overflow.
+  int64_t tokens = 1;
+  for (size_t i = 0; i < m.img_size.size(); ++i) tokens *= m.img_size[i] / m.patch_size[i];
+  if (tokens > kMaxTokens) {
+    throw ConfigError("\"model.img_size\" / \"model.patch_size\" give " + std::to_string(tokens) +
+                      " patches per crop; at most " + std::to_string(kMaxTokens) +
+                      " are allowed (attention cost grows with the square of the count): use larger patches or a "
+                      "smaller img_size");
+  }
 }
 
 void read_train(JsonReader r, TrainConfig& t) {
@@ -48,11 +81,11 @@ void read_train(JsonReader r, TrainConfig& t) {
   r.read_range<int64_t>("epochs", t.epochs, 0, int64_t{1} << 30);
   if (r.has("lr")) {
     double lr = 0.0;
-    r.read_range("lr", lr, 1e-12, 10.0);
+    r.read_range("lr", lr, kMinLr, kMaxLr);
     t.lr = lr;
   }
-  r.read_range("base_lr", t.base_lr, 1e-12, 10.0);
-  r.read_range("lr_min", t.lr_min, 0.0, 10.0);
+  r.read_range("base_lr", t.base_lr, kMinLr, kMaxLr);
+  r.read_range("lr_min", t.lr_min, 0.0, kMaxLr);
   r.read_range<int64_t>("lr_warmup_steps", t.lr_warmup_steps, 0, int64_t{1} << 40);
   r.read_range("weight_decay", t.weight_decay, 0.0, 10.0);
   r.read_range("beta1", t.beta1, 0.0, 0.999999);
@@ -71,18 +104,28 @@ void read_train(JsonReader r, TrainConfig& t) {
     throw ConfigError("\"train.max_steps\" and \"train.epochs\" are both 0; set one of them");
   }
   if (t.lr && t.lr_min > *t.lr) {
-    throw ConfigError("\"train.lr_min\" = " + std::to_string(t.lr_min) +
-                      " is larger than \"train.lr\" = " + std::to_string(*t.lr));
+    throw ConfigError("\"train.lr_min\" = " + num(t.lr_min) + " is larger than \"train.lr\" = " + num(*t.lr));
+  }
+  if (!t.lr) {
+    // The MAE rule scales base_lr by the effective batch (of one process; more processes scale it further).
+    const double effective = static_cast<double>(t.batch_size) * static_cast<double>(t.grad_accum_steps);
+    const double lr = t.base_lr * effective / 256.0;
+    if (lr > kMaxLr) {
+      throw ConfigError("\"train.base_lr\" = " + num(t.base_lr) + " with an effective batch of " + num(effective) +
+                        " (batch_size x grad_accum_steps) gives a learning rate of " + num(lr) + ", above " +
+                        num(kMaxLr) + "; set a smaller base_lr or an explicit \"train.lr\"");
+    }
+    if (t.lr_min > lr) {
+      throw ConfigError("\"train.lr_min\" = " + num(t.lr_min) + " is larger than the learning rate " + num(lr) +
+                        " that \"train.base_lr\" gives");
+    }
   }
 }
 
 void check_device(const std::string& device) {
-  if (device == "cpu" || device == "cuda" || device == "auto") return;
-  if (device.rfind("cuda:", 0) == 0 && device.size() > 5 &&
-      device.find_first_not_of("0123456789", 5) == std::string::npos) {
-    return;
-  }
-  throw ConfigError("\"device\" = \"" + device + "\" is not allowed; use \"cpu\", \"cuda\", \"cuda:N\" or \"auto\"");
+  if (is_device_name(device)) return;
+  throw ConfigError("\"device\" = " + json_text(device) +
+                    " is not allowed; use \"cpu\", \"cuda\", \"cuda:N\" or \"auto\"");
 }
 
 nlohmann::json data_to_json(const DataConfig& d) {
@@ -107,8 +150,26 @@ nlohmann::json data_to_json(const DataConfig& d) {
   j["cache_dir"] = d.cache_dir;
   j["on_bad_volume"] = d.on_bad_volume;
   j["time_point"] = d.time_point;
+  j["dicom_slice_tolerance"] = d.dicom_slice_tolerance;
   j["fourth_axis_as_channels"] = d.fourth_axis_as_channels;
   return j;
+}
+
+nlohmann::json override_value(const std::string& item, const std::string& text) {
+  // JSON when it parses (numbers, true, null, [1,2], "quoted"); a value that starts like a JSON
+  // list, object or string must parse; anything else is taken as a bare string (device=cpu).
+  std::string problem;
+  if (auto value = try_parse_json_strict(text, problem)) return std::move(*value);
+  const auto first = text.find_first_not_of(" \t");
+  const char c = first == std::string::npos ? '\0' : text[first];
+  if (c == '[' || c == '{' || c == '"') {
+    throw ConfigError("--set \"" + printable(item) + "\": the value is " + problem +
+                      "; to pass text starting with [, { or \", write it as a JSON string: 'key=\"[a\"'");
+  }
+  if (problem.find("number overflow") != std::string::npos) {
+    throw ConfigError("--set \"" + printable(item) + "\": the number " + printable(text) + " is too large");
+  }
+  return text;
 }
 
 }  // namespace
@@ -117,25 +178,28 @@ void apply_overrides(nlohmann::json& tree, const std::vector<std::string>& overr
   for (const auto& item : overrides) {
     const auto eq = item.find('=');
     if (eq == std::string::npos || eq == 0) {
-      throw ConfigError("--set \"" + item + "\": expected key=value, e.g. --set train.lr=2e-4");
+      throw ConfigError("--set \"" + printable(item) + "\": expected key=value, e.g. --set train.lr=2e-4");
     }
     const std::string key = item.substr(0, eq), text = item.substr(eq + 1);
-    nlohmann::json value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (value.is_discarded()) value = text;
+    const nlohmann::json value = override_value(item, text);
     nlohmann::json* node = &tree;
-    std::stringstream parts(key);
-    std::string part, path;
     std::vector<std::string> names;
-    while (std::getline(parts, part, '.')) names.push_back(part);
+    for (size_t start = 0;;) {  // split on '.', keeping empty segments so that "a..b" is refused
+      const auto dot = key.find('.', start);
+      names.push_back(key.substr(start, dot == std::string::npos ? std::string::npos : dot - start));
+      if (dot == std::string::npos) break;
+      start = dot + 1;
+    }
+    std::string path;
     for (size_t i = 0; i < names.size(); ++i) {
-      if (names[i].empty()) throw ConfigError("--set \"" + item + "\": empty key segment");
+      if (names[i].empty()) throw ConfigError("--set \"" + printable(item) + "\": empty key segment");
       path += (path.empty() ? "" : ".") + names[i];
       if (i + 1 == names.size()) {
         (*node)[names[i]] = value;
       } else {
         if (!node->contains(names[i]) || (*node)[names[i]].is_null()) (*node)[names[i]] = nlohmann::json::object();
         if (!(*node)[names[i]].is_object())
-          throw ConfigError("--set \"" + item + "\": \"" + path + "\" is not a section");
+          throw ConfigError("--set \"" + printable(item) + "\": \"" + printable(path) + "\" is not a section");
         node = &(*node)[names[i]];
       }
     }
@@ -168,22 +232,15 @@ Config config_from_json(const nlohmann::json& tree) {
 }
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
-  std::ifstream in(path);
-  if (!in) throw ConfigError(path + ": cannot open the config file");
-  nlohmann::json tree;
-  try {
-    tree = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
-    std::string what = e.what();
-    const auto colon = what.find("parse error");
-    throw ConfigError(path + ": not valid JSON: " + (colon == std::string::npos ? what : what.substr(colon)));
-  }
-  if (!tree.is_object()) throw ConfigError(path + ": the config must be a JSON object");
-  apply_overrides(tree, overrides);
+  nlohmann::json tree = read_json_file<ConfigError>(path, "config file");
+  const std::string shown = printable(path);
+  if (!tree.is_object())
+    throw ConfigError(shown + ": the config must be a JSON object { ... }, not " + json_text(tree));
+  apply_overrides(tree, overrides);  // its errors name the --set item, not the file
   try {
     return config_from_json(tree);
   } catch (const ConfigError& e) {
-    throw ConfigError(path + ": " + e.what());
+    throw ConfigError(shown + ": " + e.what());
   }
 }
 

@@ -78,15 +78,19 @@ struct Config {
   OutputConfig output;          ///< where results go
 };
 
-/// Applies "a.b.c=value" overrides to a JSON tree; the value is parsed as JSON when it parses
-/// (numbers, true, null, [1,2]) and taken as a string otherwise. ConfigError for a malformed one.
+/// Applies "a.b.c=value" overrides to a JSON tree. The value is JSON when it parses (numbers, true,
+/// null, [1,2], "text"); a value starting with [, { or " must be valid JSON (ConfigError with the
+/// parse position otherwise: `[16,16` is a typo, not a name); anything else is a bare string
+/// (device=cpu, output.dir=runs/b). ConfigError for a malformed item, a number too large for JSON,
+/// an empty key segment or a key inside a value that is not a section.
 void apply_overrides(nlohmann::json& tree, const std::vector<std::string>& overrides);
 
 /// Reads a config from JSON strictly (ConfigError naming the key and value).
 Config config_from_json(const nlohmann::json& tree);
 
-/// Reads a config file, applies overrides and reads strictly. ConfigError naming the file for
-/// missing or malformed JSON.
+/// Reads a config file (read_json_file: a folder, a missing, unreadable or empty file, invalid
+/// JSON with its line and column, a key given twice), applies overrides and reads strictly.
+/// ConfigError naming the file.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
 
 /// The resolved config: every key with its value.

@@ -25,6 +25,7 @@
 #include "model/ops.h"
 #include "train/adamw.h"
 #include "train/checkpoint.h"
+#include "train/memory.h"
 #include "train/progress.h"
 #include "train/schedule.h"
 
@@ -125,16 +126,21 @@ void truncate_metrics(const fs::path& file, int64_t step) {
   fs::rename(tmp, file);
 }
 
-void setup_logging(const fs::path& run_dir) {
+// Console logging, plus <run_dir>/train.log when given (never for a dry run or data check).
+void setup_logging(const std::optional<fs::path>& run_dir) {
   auto console = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
-  std::shared_ptr<spdlog::sinks::basic_file_sink_mt> file;
-  try {
-    file = std::make_shared<spdlog::sinks::basic_file_sink_mt>((run_dir / "train.log").string());
-  } catch (const spdlog::spdlog_ex& e) {
-    throw IoError((run_dir / "train.log").string() + ": cannot open the log file: " + e.what());
+  std::vector<spdlog::sink_ptr> sinks{console};
+  if (run_dir) {
+    std::shared_ptr<spdlog::sinks::basic_file_sink_mt> file;
+    try {
+      file = std::make_shared<spdlog::sinks::basic_file_sink_mt>((*run_dir / "train.log").string());
+    } catch (const spdlog::spdlog_ex& e) {
+      throw IoError((*run_dir / "train.log").string() + ": cannot open the log file: " + e.what());
+    }
+    file->set_level(spdlog::level::info);
+    sinks.push_back(file);
   }
-  file->set_level(spdlog::level::info);
-  auto logger = std::make_shared<spdlog::logger>("mae3d", spdlog::sinks_init_list{console, file});
+  auto logger = std::make_shared<spdlog::logger>("mae3d", sinks.begin(), sinks.end());
   logger->set_level(spdlog::get_level());
   logger->flush_on(spdlog::level::info);
   spdlog::set_default_logger(logger);
@@ -145,7 +151,9 @@ struct RunData {
   DataConfig config;
 };
 
-RunData prepare_data(const Config& config, const fs::path& run_dir, bool print_lines, int64_t* failures) {
+// The pre-flight check. With `report_only` the caller gets the report (for --check-data) and no
+// training lists; otherwise bad volumes are logged and refused or skipped per on_bad_volume.
+RunData prepare_data(const Config& config, bool report_only, CheckReport* checked) {
   RunData d;
   d.config = config.data;
   if (d.config.cache_dir.empty()) d.config.cache_dir = default_cache_dir();
@@ -155,25 +163,12 @@ RunData prepare_data(const Config& config, const fs::path& run_dir, bool print_l
   spdlog::info("pre-flight check of {} volume(s) ({} training, {} validation), cache {}", all.size(),
                split.training.size(), split.validation.size(), d.config.cache_dir);
   const auto report = check_data(all, d.config);
-  for (const auto& v : report.volumes) {
-    if (print_lines) {
-      std::cout << v.line() << "\n";
-    } else {
-      spdlog::debug("{}", v.line());
-    }
-  }
-  if (failures) *failures = report.failures();
-  if (print_lines) {
-    if (report.failures() > 0) {
-      std::cout << report.failures() << " of " << report.volumes.size() << " volume(s) failed:\n";
-      for (const auto& v : report.volumes)
-        if (!v.ok) std::cout << "  " << v.failure() << "\n";
-    } else {
-      std::cout << "all " << report.volumes.size() << " volume(s) ok\n";
-    }
-    std::cout.flush();
+  for (const auto& v : report.volumes) spdlog::debug("{}", v.line());
+  if (report_only) {
+    *checked = report;
     return d;
   }
+  spdlog::info("{}", report.summary());
   if (report.failures() > 0 && d.config.on_bad_volume != "skip") {
     for (const auto& v : report.volumes)
       if (!v.ok) spdlog::error("{}", v.failure());
@@ -240,27 +235,53 @@ void install_stop_signal_handlers() {
   sa.sa_flags = 0;
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
+  // A launcher may have blocked them across exec so that a signal during dynamic loading waits:
+  // unblocking delivers such a pending signal to the handler now.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigprocmask(SIG_UNBLOCK, &set, nullptr);
 }
 
 TrainResult train(const Config& config, const TrainOptions& options) {
   TrainResult result;
+  // Stopped before anything started (a signal during start-up): nothing to do, nothing written.
+  auto stopped_before_training = [&](int sig) {
+    result.interrupted = true;
+    result.before_training = true;
+    result.signal = sig;
+    return result;
+  };
+  if (const int sig = g_stop_signal.load()) return stopped_before_training(sig);
   const int threads = set_threads(config.threads);
   const torch::Device device = resolve_device(config.device);
   const fs::path run_dir(config.output.dir);
-  std::error_code ec;
-  fs::create_directories(run_dir, ec);
-  if (ec || !fs::is_directory(run_dir)) {
-    throw IoError(run_dir.string() +
-                  ": cannot create the run folder (output.dir): " + (ec ? ec.message() : std::string("not a folder")));
+  // A dry run and a data check only read: no folder, log, config.json or lock is written.
+  const bool writes = !options.dry_run && !options.check_data_only;
+  if (!options.check_data_only && device.is_cpu()) check_training_memory(config, physical_memory_bytes());
+  std::optional<RunLock> run_lock;
+  if (writes) {
+    std::error_code ec;
+    fs::create_directories(run_dir, ec);
+    if (ec || !fs::is_directory(run_dir)) {
+      throw IoError(run_dir.string() + ": cannot create the run folder (output.dir): " +
+                    (ec ? ec.message() : std::string("not a folder")));
+    }
+    if (::access(run_dir.c_str(), W_OK) != 0) throw IoError(run_dir.string() + ": the run folder is not writable");
+    run_lock.emplace(run_dir.string());  // ConfigError naming the holder when another process trains here
+    setup_logging(run_dir);
+    remove_partial_checkpoints(run_dir.string());  // folders of writes a crash interrupted
+  } else {
+    setup_logging(std::nullopt);
   }
-  if (::access(run_dir.c_str(), W_OK) != 0) throw IoError(run_dir.string() + ": the run folder is not writable");
-  setup_logging(run_dir);
-  remove_partial_checkpoints(run_dir.string());  // folders of writes a crash interrupted
 
   // Checkpoint to continue from, if any.
+  CheckpointReadLock resume_lock;
   std::string resume_dir;
   if (options.resume) {
-    resume_dir = resolve_checkpoint(options.resume_from.empty() ? run_dir.string() : options.resume_from);
+    resume_lock = lock_checkpoint(options.resume_from.empty() ? run_dir.string() : options.resume_from);
+    resume_dir = resume_lock.dir();
   } else if (!options.check_data_only && !options.dry_run && !latest_checkpoint(run_dir.string()).empty()) {
     throw ConfigError("\"output.dir\" = \"" + run_dir.string() +
                       "\" already holds checkpoints; pass --resume to continue that run or choose another output.dir");
@@ -268,6 +289,14 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   CheckpointInfo resumed;
   if (!resume_dir.empty()) {
     resumed = read_checkpoint_info(resume_dir);
+    // Another run's checkpoint resumed into a folder holding a run would mix the two (and abandon
+    // the folder's own later checkpoints): refused. Into an empty folder, the run continues there.
+    const std::string own = run_id_of(run_dir.string());
+    if (!own.empty() && own != resumed.run_id) {
+      throw CheckpointError(resume_dir + ": is a checkpoint of run " + resumed.run_id + ", but \"output.dir\" = \"" +
+                            run_dir.string() + "\" holds run " + own +
+                            "; resume it into its own run folder or an empty output.dir");
+    }
     const auto current = config_to_json(config);
     if (!resumed.config.contains("model") || resumed.config.at("model") != current.at("model")) {
       throw CheckpointError(resume_dir + ": its model section differs from the config's; resume with the same model");
@@ -286,20 +315,28 @@ TrainResult train(const Config& config, const TrainOptions& options) {
                               " now; resume with the checkpoint's value (data order and masks depend on it)");
       }
     }
+    if (resumed.diverged) {
+      spdlog::warn("{}: resuming a checkpoint marked diverged ({})", resume_dir, resumed.diverged_reason);
+    }
   }
 
-  int64_t failures = 0;
-  const RunData data = prepare_data(config, run_dir, options.check_data_only, &failures);
+  CheckReport checked;
+  RunData data;
+  try {
+    data = prepare_data(config, options.check_data_only, &checked);
+  } catch (const InputError& e) {
+    // Ctrl-C during the pre-flight: the user asked to stop, which wins over what the check found.
+    const int sig = g_stop_signal.load();
+    if (sig == 0 || options.check_data_only) throw;
+    spdlog::warn("{}", e.what());
+    return stopped_before_training(sig);
+  }
   if (options.check_data_only) {
-    result.data_failures = failures;
+    result.data_failures = checked.failures();
+    result.data_report = checked.text();
     return result;
   }
-  if (const int sig = g_stop_signal.load()) {  // stopped during the pre-flight check: nothing to save
-    result.interrupted = true;
-    result.signal = sig;
-    result.step = 0;
-    return result;
-  }
+  if (const int sig = g_stop_signal.load()) return stopped_before_training(sig);  // during the pre-flight
 
   torch::manual_seed(config.seed);
   MaskedAutoencoder model(model_options_from(config.model));
@@ -318,32 +355,64 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   double smoothed = std::nan("");
   std::optional<double> best_val;
   auto mask_gen = at::detail::createCPUGenerator(mask_seed(config.seed));
-  if (!resume_dir.empty()) {
-    load_model(resume_dir, *model);
-    load_optimizer(resume_dir, optimizer);
-    const auto rng = load_rng(resume_dir);
-    auto global = at::detail::getDefaultCPUGenerator();
-    try {
-      set_generator_state(mask_gen, rng.at("mask"));
-      set_generator_state(global, rng.at("global_cpu"));
-      if (device.is_cuda() && rng.count("cuda")) {
-        auto cuda = at::globalContext().defaultGenerator(device);
-        set_generator_state(cuda, rng.at("cuda"));
-      }
-      const auto& s = resumed.trainer_state;
-      step = s.at("step").get<int64_t>();
-      start.epoch = s.at("loader_epoch").get<int64_t>();
-      start.batch = s.at("loader_batch").get<int64_t>();
-      skipped = s.value("nonfinite_skipped", int64_t{0});
-      if (s.contains("smoothed_loss") && s["smoothed_loss"].is_number()) smoothed = s["smoothed_loss"].get<double>();
-      if (s.contains("best_val_loss") && s["best_val_loss"].is_number()) best_val = s["best_val_loss"].get<double>();
-    } catch (const std::exception& e) {
-      throw CheckpointError(resume_dir + ": trainer state or random states are damaged: " + e.what());
-    }
-  }
-  if (!resume_dir.empty()) remove_checkpoints_after(run_dir.string(), step);  // abandoned by this resume
-  Loader loader(data.train, data.config, lo, start);
   const int64_t accum = config.train.grad_accum_steps;
+  if (!resume_dir.empty()) {
+    const auto& s = resumed.trainer_state;
+    const std::string state_file = resume_dir + "/trainer_state.json";
+    step = s.step;
+    skipped = s.nonfinite_skipped;
+    start.epoch = s.loader_epoch;
+    start.batch = s.loader_batch;
+    // The loader position must be one this step count can reach: every optimizer step read accum
+    // batches, every skipped one between 1 and accum.
+    const int64_t per_epoch = Loader(data.train, data.config, lo).batches_per_epoch();
+    if (start.batch >= per_epoch) {
+      throw CheckpointError(state_file + ": \"loader_batch\" = " + std::to_string(start.batch) +
+                            " is outside an epoch of " + std::to_string(per_epoch) + " batches");
+    }
+    const __int128 read = static_cast<__int128>(start.epoch) * per_epoch + start.batch;
+    const __int128 least = static_cast<__int128>(step) * accum + skipped;
+    const __int128 most = static_cast<__int128>(step + skipped) * accum;
+    if (read < least || read > most) {
+      throw CheckpointError(state_file + ": loader position (\"loader_epoch\" " + std::to_string(start.epoch) +
+                            ", \"loader_batch\" " + std::to_string(start.batch) + ") does not fit \"step\" " +
+                            std::to_string(step) + " and \"nonfinite_skipped\" " + std::to_string(skipped) + " with " +
+                            std::to_string(per_epoch) + " batches per epoch and " + std::to_string(accum) +
+                            " per step");
+    }
+    smoothed = s.smoothed_loss ? *s.smoothed_loss : std::nan("");
+    best_val = s.best_val_loss;
+    load_model(resume_dir, *model, resumed);
+    std::map<const void*, std::string> names;
+    for (const auto& p : model->named_parameters()) names[p.value().unsafeGetTensorImpl()] = p.key();
+    std::vector<std::pair<std::string, at::Tensor>> params;
+    for (const auto* group : {&groups.first, &groups.second}) {
+      for (const auto& t : *group) params.emplace_back(names[t.unsafeGetTensorImpl()], t);
+    }
+    load_optimizer(resume_dir, optimizer, params, resumed);
+    const auto rng = load_rng(resume_dir, resumed);
+    const std::string rng_file = resume_dir + "/rng.pt";
+    auto global = at::detail::getDefaultCPUGenerator();
+    auto restore = [&](at::Generator& gen, const char* key) {
+      const auto it = rng.find(key);
+      if (it == rng.end()) throw CheckpointError(rng_file + ": the \"" + std::string(key) + "\" state is missing");
+      try {
+        set_generator_state(gen, it->second);
+      } catch (const std::exception& e) {
+        throw CheckpointError(rng_file + ": the \"" + std::string(key) + "\" state is damaged");
+      }
+    };
+    restore(mask_gen, "mask");
+    restore(global, "global_cpu");
+    if (device.is_cuda() && rng.count("cuda")) {
+      auto cuda = at::globalContext().defaultGenerator(device);
+      restore(cuda, "cuda");
+    }
+    resume_lock.release();  // everything is in memory; pruning may delete the folder later
+    result.resumed_from = resume_dir;
+  }
+  const std::string run_id = resume_dir.empty() ? new_run_id() : resumed.run_id;
+  Loader loader(data.train, data.config, lo, start);
   const int64_t total = config.train.max_steps > 0
                             ? config.train.max_steps
                             : std::max<int64_t>(1, config.train.epochs * loader.batches_per_epoch() / accum);
@@ -352,22 +421,18 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   const bool bf16 = config.train.precision == "bf16";
   const int64_t val_every = config.train.val_every > 0 ? config.train.val_every : config.train.checkpoint_every;
 
-  // The resolved config, written once per start.
-  {
-    const auto resolved = config_to_json(config);
-    std::ofstream out(run_dir / "config.json", std::ios::trunc);
-    out << resolved.dump(2) << "\n";
-    if (!out) throw IoError((run_dir / "config.json").string() + ": cannot write");
-  }
+  const auto estimate = estimate_training_memory(config);
   spdlog::info(
-      "model: {:.2f} M parameters, {} patches of {} voxels, {} visible; device {}, {} threads",
+      "model: {:.2f} M parameters, {} patches of {} voxels, {} visible; device {}, {} threads; a step needs about "
+      "{} (estimate){}",
       [&] {
         double n = 0;
         for (const auto& p : model->parameters()) n += static_cast<double>(p.numel());
         return n / 1e6;
       }(),
       model->options().num_patches(), model->options().patch_dim(),
-      num_visible(model->options().num_patches(), config.model.masking_ratio), device.str(), threads);
+      num_visible(model->options().num_patches(), config.model.masking_ratio), device.str(), threads,
+      format_bytes(estimate.total), device.is_cpu() ? " of " + format_bytes(physical_memory_bytes()) : "");
   spdlog::info(
       "data: {} training and {} validation volume(s), {} batch(es) per epoch; lr {:.3g} (effective batch {}), "
       "{} steps{}",
@@ -376,6 +441,17 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   if (options.dry_run) {
     result.step = step;
     return result;
+  }
+
+  // The resolved config and the run id, written once per start.
+  {
+    const auto resolved = config_to_json(config);
+    std::ofstream out(run_dir / "config.json", std::ios::trunc);
+    out << resolved.dump(2) << "\n";
+    if (!out) throw IoError((run_dir / "config.json").string() + ": cannot write");
+    std::ofstream id(run_dir / "run_id", std::ios::trunc);
+    id << run_id << "\n";
+    if (!id) throw IoError((run_dir / "run_id").string() + ": cannot write");
   }
 
   const fs::path metrics_path = run_dir / "metrics.jsonl";
@@ -388,23 +464,31 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   if (!metrics) throw IoError(metrics_path.string() + ": cannot open for writing");
 
   auto trainer_state = [&](const LoaderPosition& pos) {
-    return nlohmann::json{{"step", step},
-                          {"epoch", pos.epoch},
-                          {"loader_epoch", pos.epoch},
-                          {"loader_batch", pos.batch},
-                          {"nonfinite_skipped", skipped},
-                          {"smoothed_loss", std::isfinite(smoothed) ? nlohmann::json(smoothed) : nlohmann::json()},
-                          {"best_val_loss", best_val ? nlohmann::json(*best_val) : nlohmann::json()},
-                          {"lr_peak", peak},
-                          {"total_steps", total}};
+    TrainerState t;
+    t.step = step;
+    t.loader_epoch = pos.epoch;
+    t.loader_batch = pos.batch;
+    t.nonfinite_skipped = skipped;
+    if (std::isfinite(smoothed)) t.smoothed_loss = smoothed;
+    t.best_val_loss = best_val;
+    t.lr_peak = peak;
+    t.total_steps = total;
+    return t;
   };
+  const int64_t start_step = step;
   int64_t last_saved_step = resume_dir.empty() ? -1 : step;
-  auto write_checkpoint = [&](bool diverged, std::optional<double> val_loss, const LoaderPosition& pos) {
+  // Checkpoints after the resumed step belong to the abandoned continuation: removed once this
+  // start's first checkpoint is safely written (and `latest` names it), never before.
+  bool abandon_pending = !resume_dir.empty();
+  auto write_checkpoint = [&](bool diverged, std::optional<double> val_loss, const LoaderPosition& pos,
+                              const std::string& reason) {
     CheckpointInfo info;
     info.step = step;
+    info.run_id = run_id;
     info.config = config_to_json(config);
     info.trainer_state = trainer_state(pos);
     info.diverged = diverged;
+    info.diverged_reason = reason;
     info.val_loss = val_loss;
     auto global = at::detail::getDefaultCPUGenerator();
     std::map<std::string, at::Tensor> rng{{"mask", generator_state(mask_gen)}, {"global_cpu", generator_state(global)}};
@@ -415,6 +499,10 @@ TrainResult train(const Config& config, const TrainOptions& options) {
     result.checkpoint = save_checkpoint(run_dir.string(), info, *model, &optimizer, rng);
     if (!diverged) {
       last_saved_step = step;
+      if (abandon_pending) {
+        remove_checkpoints_after(run_dir.string(), start_step, result.checkpoint);
+        abandon_pending = false;
+      }
       prune_checkpoints(run_dir.string(), config.train.keep_last);
     }
     spdlog::info("checkpoint {}{}", result.checkpoint, diverged ? " (marked diverged)" : "");
@@ -425,12 +513,16 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   while (step < total) {
     if (const int sig = g_stop_signal.load()) {
       progress.finish();
+      if (step == start_step) {  // no step done in this start: nothing new to save
+        spdlog::warn("stop requested (signal {}) before the first step", sig);
+        result.step = step;
+        return stopped_before_training(sig);
+      }
       if (last_saved_step == step) {
-        result.checkpoint = latest_checkpoint(run_dir.string());
         spdlog::warn("stop requested (signal {}): step {} is already saved in {}", sig, step, result.checkpoint);
       } else {
         spdlog::warn("stop requested (signal {}): writing a checkpoint at step {}", sig, step);
-        write_checkpoint(false, std::nullopt, position);
+        write_checkpoint(false, std::nullopt, position, "");
       }
       result.interrupted = true;
       result.signal = sig;
@@ -473,7 +565,9 @@ TrainResult train(const Config& config, const TrainOptions& options) {
       optimizer.zero_grad();
       if (config.train.on_nonfinite == "error") {
         progress.finish();
-        write_checkpoint(true, std::nullopt, position);
+        write_checkpoint(
+            true, std::nullopt, position,
+            "the loss was not finite (" + std::to_string(loss_value) + ") at step " + std::to_string(step + 1));
         throw Error("step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(loss_value) +
                     "); checkpoint " + result.checkpoint +
                     " marked diverged. Lower train.lr, enable train.grad_clip_norm, or set train.on_nonfinite "
@@ -533,7 +627,7 @@ TrainResult train(const Config& config, const TrainOptions& options) {
     }
     if (step % config.train.checkpoint_every == 0 || step == total) {
       progress.pause();
-      write_checkpoint(false, val_loss, position);
+      write_checkpoint(false, val_loss, position, "");
     }
     if (options.on_step) options.on_step(step, loss_value);
   }

@@ -14,7 +14,7 @@ namespace mae {
 struct TrainOptions {
   bool resume = false;           ///< continue from a checkpoint instead of starting fresh
   std::string resume_from;       ///< checkpoint or run folder; "" = output.dir's latest
-  bool check_data_only = false;  ///< run the pre-flight data check, print it and stop
+  bool check_data_only = false;  ///< run the pre-flight data check, return its report and stop
   bool dry_run = false;          ///< validate config and data, build the model, then stop
   /// Called after every optimizer step with (step, loss); tests use it to stop a run at a step.
   std::function<void(int64_t, double)> on_step;
@@ -22,16 +22,25 @@ struct TrainOptions {
 
 /// How a run ended.
 struct TrainResult {
-  int64_t step = 0;           ///< optimizer steps done
-  bool interrupted = false;   ///< stopped by request_stop() (a checkpoint was written)
-  int signal = 0;             ///< the signal that stopped it, 0 if none
-  std::string checkpoint;     ///< the last checkpoint written ("" if none)
-  int64_t data_failures = 0;  ///< check_data_only: number of volumes that failed
+  int64_t step = 0;              ///< optimizer steps done
+  bool interrupted = false;      ///< stopped by request_stop() (a checkpoint was written unless before_training)
+  bool before_training = false;  ///< stopped before the first step of this start: nothing was written
+  int signal = 0;                ///< the signal that stopped it, 0 if none
+  std::string checkpoint;        ///< the last checkpoint written ("" if none)
+  std::string resumed_from;      ///< the checkpoint this start resumed ("" for a fresh run)
+  int64_t data_failures = 0;     ///< check_data_only: number of volumes that failed
+  std::string data_report;       ///< check_data_only: the report to print (CheckReport::text())
 };
 
 /// Runs (or resumes) pretraining as configured. Throws ConfigError / InputError / CheckpointError
 /// / IoError with one-line messages; a non-finite loss with on_nonfinite "error" writes a checkpoint
-/// marked diverged and throws Error naming the step.
+/// marked diverged and throws Error naming the step. A dry run or data check writes nothing at all
+/// (no folder, config.json, train.log or lock). A training run holds the run folder's RunLock, so
+/// a second process on the same output.dir gets ConfigError naming the holder. A resume of this
+/// run's own checkpoint deletes the checkpoints after it only once its first new checkpoint is
+/// written; resuming another run's checkpoint into a folder that holds a run is refused. The memory
+/// a step needs is estimated before the model is built and refused (ConfigError) when it exceeds
+/// the machine's memory.
 TrainResult train(const Config& config, const TrainOptions& options);
 
 /// Asks a running train() to stop after the current step and write a checkpoint. Safe to call from
@@ -42,7 +51,9 @@ void request_stop(int signal);
 void clear_stop_request();
 
 /// Installs SIGINT/SIGTERM handlers: the first asks the run to stop after a checkpoint, a second
-/// SIGINT ends the process at once with status 130.
+/// SIGINT ends the process at once with status 130; then unblocks both (a signal a launcher kept
+/// blocked and pending across exec is handled now). Needs nothing initialised: async-signal-safe
+/// calls only, so it may run from the executable's .preinit_array, before library initialisers.
 void install_stop_signal_handlers();
 
 }  // namespace mae

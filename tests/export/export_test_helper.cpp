@@ -26,7 +26,6 @@ int main(int argc, char** argv) {
       mae::CheckpointInfo info;
       info.step = 3;
       info.config = mae::config_to_json(config);
-      info.trainer_state = {{"step", info.step}};
       std::cout << mae::save_checkpoint(args[1], info, *model, nullptr, {}) << std::endl;
       return 0;
     }

@@ -11,10 +11,10 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <unistd.h>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
-#include <unistd.h>
 
 #include "../common/temp_dir.h"
 #include "core/error.h"
@@ -191,7 +191,6 @@ std::string write_checkpoint(const std::string& run_dir, const mae::Config& c, m
   mae::CheckpointInfo info;
   info.step = step;
   info.config = mae::config_to_json(c);
-  info.trainer_state = {{"step", step}};
   return mae::save_checkpoint(run_dir, info, *model, nullptr, {});
 }
 
@@ -273,8 +272,8 @@ TEST_F(Export, ValuesAreFreshFloatCopies) {
   EXPECT_TRUE(entry(t2, "norm.weight").equal(w));
   const auto t3 = mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, true});
   EXPECT_TRUE(entry(t3, "decoder_norm.bias").equal(param(*model, "decoder_blocks.1.bias")));
-  EXPECT_TRUE(entry(t, "patch_embedding.position_embeddings")
-                  .equal(param(*model, "patch_embedding.position_embeddings")));
+  EXPECT_TRUE(
+      entry(t, "patch_embedding.position_embeddings").equal(param(*model, "patch_embedding.position_embeddings")));
   EXPECT_TRUE(entry(t, "decoder_pred.weight").equal(param(*model, "decoder_pred.weight")));
   for (const auto& [name, v] : t) {
     EXPECT_EQ(v.scalar_type(), at::kFloat) << name;
@@ -396,8 +395,8 @@ at::Tensor reference_mae(const mae::NamedTensors& sd, const at::Tensor& x, const
   }
   h = at::layer_norm(h, {E}, entry(sd, "norm.weight"), entry(sd, "norm.bias"), 1e-5);
   h = at::linear(h, entry(sd, "decoder_embed.weight"), entry(sd, "decoder_embed.bias"));
-  auto full = entry(sd, "mask_tokens").expand({B, N, Ed}).scatter(1, visible.unsqueeze(-1).expand({B, K, Ed}),
-                                                                   h.slice(1, 1));
+  auto full =
+      entry(sd, "mask_tokens").expand({B, N, Ed}).scatter(1, visible.unsqueeze(-1).expand({B, K, Ed}), h.slice(1, 1));
   h = at::cat({h.slice(1, 0, 1), full + entry(sd, "decoder_pos_embedding")}, 1);
   for (int64_t j = 0; j < m.decoder_num_layers; ++j) {
     h = reference_block(sd, "decoder_blocks." + std::to_string(j) + ".", h, m.decoder_num_heads, m.qkv_bias);
@@ -509,8 +508,7 @@ TEST_F(Export, MonaiAxisOrderDescription) {
 TEST_F(Export, UnetrRefusesWhatItCannotHold) {
   auto six = vitb_config();
   six.model.num_layers = 6;
-  auto msg = message_of<mae::ConfigError>(
-      [&] { mae::check_unetr_compatible(mae::model_options_from(six.model)); });
+  auto msg = message_of<mae::ConfigError>([&] { mae::check_unetr_compatible(mae::model_options_from(six.model)); });
   EXPECT_NE(msg.find("monai-unetr"), std::string::npos) << msg;
   EXPECT_NE(msg.find("num_layers = 6"), std::string::npos) << msg;
 
@@ -636,8 +634,7 @@ TEST_F(Export, UnetrDescription) {
 
 TEST_F(Export, Errors) {
   TempDir dir;
-  auto msg = message_of<mae::CheckpointError>(
-      [&] { mae::export_checkpoint(dir / "nope", dir / "x.pt", {}); });
+  auto msg = message_of<mae::CheckpointError>([&] { mae::export_checkpoint(dir / "nope", dir / "x.pt", {}); });
   EXPECT_NE(msg.find(dir / "nope"), std::string::npos) << msg;
 
   fs::create_directories(dir / "empty_run");
@@ -688,8 +685,9 @@ TEST_F(Export, EncodeVolumeMatchesEncodePerWindow) {
   EXPECT_TRUE(at::allclose(f.pooled, f.tokens.mean(std::vector<int64_t>{0, 1})));
   EXPECT_FALSE(f.tokens.requires_grad());
 
-  const auto small_msg =
-      message_of<mae::InputError>([&] { mae::encode_volume(*model, at::randn({1, 40, 20, 40}), 0.25); });
+  const auto small_msg = message_of<mae::InputError>([&] {
+    mae::encode_volume(*model, at::randn({1, 40, 20, 40}), 0.25);
+  });
   EXPECT_NE(small_msg.find("20 < 32"), std::string::npos) << small_msg;
   EXPECT_THROW(mae::encode_volume(*model, at::randn({2, 40, 40, 40}), 0.25), mae::InputError);
   EXPECT_THROW(mae::encode_volume(*model, volume, 1.0), mae::ConfigError);
@@ -775,6 +773,56 @@ TEST_F(Export, FeaturesFileFromVolume) {
   mae::write_volume(v, dir / "small.nii.gz");
   EXPECT_THROW(mae::export_features(dir / "run", dir / "small.nii.gz", dir / "f2.pt", 0.25), mae::InputError);
   EXPECT_FALSE(fs::exists(dir / "f2.pt"));
+}
+
+}  // namespace
+
+namespace {
+
+// --- checkpoints that must not be exported silently --------------------------------------------
+
+TEST_F(Export, DivergedCheckpointIsRefusedUnlessAllowed) {
+  TempDir dir;
+  auto c = axis_config("conv");
+  c.data.intensity.mode = "zscore_nonzero";
+  auto model = build(c);
+  mae::CheckpointInfo info;
+  info.step = 3;
+  info.config = mae::config_to_json(c);
+  info.diverged = true;
+  info.diverged_reason = "the loss was not finite (nan) at step 4";
+  const auto ckpt = mae::save_checkpoint(dir / "run", info, *model, nullptr, {});
+  auto msg = message_of<mae::CheckpointError>([&] { mae::export_checkpoint(ckpt, dir / "x.pt", {}); });
+  for (const char* part : {"diverged_step_00000003", "marked diverged", "not finite", "--allow-diverged"}) {
+    EXPECT_NE(msg.find(part), std::string::npos) << msg;
+  }
+  EXPECT_FALSE(fs::exists(dir / "x.pt"));
+  mae::Volume v;
+  v.data = (at::rand({1, 34, 40, 40}) * 100).contiguous();
+  mae::write_volume(v, dir / "vol.nii.gz");
+  msg = message_of<mae::CheckpointError>([&] { mae::export_features(ckpt, dir / "vol.nii.gz", dir / "f.pt", 0.5); });
+  EXPECT_NE(msg.find("--allow-diverged"), std::string::npos) << msg;
+
+  mae::ExportOptions allow;
+  allow.allow_diverged = true;
+  mae::export_checkpoint(ckpt, dir / "x.pt", allow);
+  const auto j = nlohmann::json::parse(std::ifstream(dir / "x.json"));
+  EXPECT_EQ(j["checkpoint"]["diverged"], true);
+  EXPECT_EQ(j["checkpoint"]["diverged_reason"], info.diverged_reason);
+  EXPECT_NO_THROW(mae::export_features(ckpt, dir / "vol.nii.gz", dir / "f.pt", 0.5, mae::AxisOrder::monai,
+                                       /*allow_diverged=*/true));
+}
+
+TEST_F(Export, WeightsOfAnotherArchitectureThanTheConfigAreRefused) {
+  TempDir dir;
+  auto c = small_config();
+  auto wide_config = c;
+  wide_config.model.hidden_size = 96;
+  auto wide = build(wide_config);
+  const auto ckpt = write_checkpoint(dir / "run", c, wide);  // config.json says 48, model.pt holds 96
+  const auto msg = message_of<mae::CheckpointError>([&] { mae::export_checkpoint(ckpt, dir / "x.pt", {}); });
+  for (const char* part : {"model.pt", "[1, 1, 96]", "[1, 1, 48]"}) EXPECT_NE(msg.find(part), std::string::npos) << msg;
+  EXPECT_FALSE(fs::exists(dir / "x.pt"));
 }
 
 }  // namespace

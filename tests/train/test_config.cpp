@@ -1,6 +1,7 @@
 // Config reading: defaults, overrides, and a one-line error for every kind of bad value.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
 #include <filesystem>
 #include <fstream>
 
@@ -126,6 +127,160 @@ TEST(Config, FileErrorsNameTheFile) {
         std::string::npos);
   }
   std::filesystem::remove_all(dir);
+}
+
+// The ConfigError message of load_config(path, overrides), or "" when it loads.
+std::string load_error(const std::string& path, const std::vector<std::string>& overrides = {}) {
+  try {
+    mae::load_config(path, overrides);
+  } catch (const mae::ConfigError& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.find('\n'), std::string::npos) << "not one line: " << what;
+    return what;
+  }
+  return "";
+}
+
+struct ConfigDir {
+  std::filesystem::path dir;
+  ConfigDir() {
+    static int counter = 0;
+    dir = std::filesystem::temp_directory_path() /
+          ("mae3d_cfg2_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    std::filesystem::create_directories(dir);
+  }
+  ~ConfigDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+  }
+  std::string write(const std::string& name, const std::string& text) const {
+    const auto path = (dir / name).string();
+    std::ofstream(path) << text;
+    return path;
+  }
+};
+
+#define EXPECT_HAS(haystack, needle) EXPECT_NE((haystack).find(needle), std::string::npos) << (haystack)
+
+TEST(Config, DuplicateKeysAreRefusedWithTheDottedKeyAndLine) {
+  const ConfigDir d;
+  auto path = d.write("lr.json", "{\"data\": {\"dataset\": \"x\"},\n \"train\": {\"lr\": 5.0,\n   \"lr\": 0.001}}");
+  auto e = load_error(path);
+  EXPECT_HAS(e, "lr.json: \"train.lr\" appears twice (line 3");
+  EXPECT_HAS(e, "first on line 2");
+  path = d.write("data.json", "{\"data\": {\"dataset\": \"a\"},\n\"model\": {},\n\"data\": {\"dataset\": \"b\"}}");
+  e = load_error(path);
+  EXPECT_HAS(e, "\"data\" appears twice (line 3, column 1; first on line 1)");
+  // Inside a list of objects the key names its element.
+  path = d.write("list.json", "{\"data\": {\"dataset\": \"a\"}, \"x\": [1, {\"y\": 1, \"y\": 2}]}");
+  EXPECT_HAS(load_error(path), "\"x[1].y\" appears twice");
+  // Equal keys in different objects are fine.
+  path = d.write("fine.json", "{\"data\": {\"dataset\": \"a\"}, \"train\": {\"epochs\": 2}, \"model\": {}}");
+  EXPECT_EQ(load_error(path), "");
+}
+
+TEST(Config, IntegerKeysTakeOnlyWholeNumbersThatFit) {
+  auto tree = minimal();
+  tree["train"] = {{"batch_size", 1.5}};
+  EXPECT_HAS(error_of(tree), "\"train.batch_size\" = 1.5 is not a whole number");
+  tree = minimal();
+  tree["threads"] = true;
+  EXPECT_HAS(error_of(tree), "\"threads\" = true has the wrong type; expected an integer");
+  tree = minimal();
+  tree["threads"] = 4294967296;  // would wrap to 0 = all cores
+  EXPECT_HAS(error_of(tree), "\"threads\" = 4294967296 is out of range");
+  tree = minimal();
+  tree["data"]["time_point"] = 18446744073709551615ull;  // would wrap to -1
+  EXPECT_HAS(error_of(tree), "\"data.time_point\" = 18446744073709551615 is out of range");
+  tree = minimal();
+  tree["seed"] = 1e30;  // the value as written, not the converted one
+  EXPECT_HAS(error_of(tree), "\"seed\" = 1e+30 is out of range");
+  tree = minimal();
+  tree["model"] = {{"img_size", {16.5, 16, 16}}};
+  EXPECT_HAS(error_of(tree), "\"model.img_size[0]\" = 16.5 is not a whole number");
+  tree = minimal();
+  tree["model"] = {{"qkv_bias", 1}};
+  EXPECT_HAS(error_of(tree), "\"model.qkv_bias\" = 1 has the wrong type; expected true or false");
+  tree = minimal();
+  tree["train"] = {{"lr", true}};
+  EXPECT_HAS(error_of(tree), "\"train.lr\" = true has the wrong type; expected a number");
+  // Whole numbers written as floats are what they say (2.0, and 1e4 as --set gives it).
+  tree = minimal();
+  tree["train"] = {{"batch_size", 2.0}, {"max_steps", 1e4}};
+  const auto c = mae::config_from_json(tree);
+  EXPECT_EQ(c.train.batch_size, 2);
+  EXPECT_EQ(c.train.max_steps, 10000);
+}
+
+TEST(Config, SetValuesThatLookLikeJsonMustBeJson) {
+  auto tree = minimal();
+  try {
+    mae::apply_overrides(tree, {"model.img_size=[16,16"});
+    ADD_FAILURE();
+  } catch (const mae::ConfigError& e) {
+    const std::string what = e.what();
+    EXPECT_HAS(what, "--set \"model.img_size=[16,16\": the value is not valid JSON");
+    EXPECT_HAS(what, "column 7");
+  }
+  EXPECT_THROW(mae::apply_overrides(tree, {"data.dataset={\"a\": 1"}), mae::ConfigError);
+  EXPECT_THROW(mae::apply_overrides(tree, {"output.dir=\"runs"}), mae::ConfigError);
+  try {
+    mae::apply_overrides(tree, {"seed=1e400"});
+    ADD_FAILURE();
+  } catch (const mae::ConfigError& e) {
+    EXPECT_HAS(std::string(e.what()), "1e400 is too large");
+  }
+  // Bare words and quoted JSON strings are strings; a typo in a number is a string the type check refuses.
+  mae::apply_overrides(tree, {"device=cpu", "output.dir=\"[x]\"", "data.cache_dir=2024_cache"});
+  EXPECT_EQ(tree["device"], "cpu");
+  EXPECT_EQ(tree["output"]["dir"], "[x]");
+  EXPECT_EQ(tree["data"]["cache_dir"], "2024_cache");
+  mae::apply_overrides(tree, {"train.lr=2e-4x"});
+  EXPECT_HAS(error_of(tree), "\"train.lr\" = \"2e-4x\" has the wrong type; expected a number");
+}
+
+TEST(Config, UnusableConfigFilesNameThePath) {
+  const ConfigDir d;
+  EXPECT_HAS(load_error(d.dir.string()), d.dir.string() + ": is a folder, not a config file");
+  EXPECT_HAS(load_error(d.write("empty.json", "  \n")), "empty.json: the config file is empty");
+  EXPECT_HAS(load_error("/dev/null"), "/dev/null: is not a regular file");
+  EXPECT_HAS(load_error(d.write("array.json", "[1, 2]")), "array.json: the config must be a JSON object");
+  const auto bad = d.write("bad.json", "{\"data\": {\"dataset\": \"x\"},\n  \"train\": {\"lr\": }}");
+  EXPECT_HAS(load_error(bad), "bad.json: not valid JSON: parse error at line 2, column 19");
+  // A newline in the file name does not split the message.
+  EXPECT_HAS(load_error((d.dir / "a\nb.json").string()), "a\\nb.json: cannot open the config file: no such file");
+  if (::geteuid() != 0) {
+    const auto locked = d.write("locked.json", minimal().dump());
+    std::filesystem::permissions(locked, std::filesystem::perms::none);
+    EXPECT_HAS(load_error(locked), "locked.json: cannot open the config file");
+  }
+}
+
+TEST(Config, AbsurdValuesAreRefused) {
+  auto tree = minimal();
+  tree["model"] = {{"img_size", {2048, 96, 96}}};
+  EXPECT_HAS(error_of(tree), "\"model.img_size\" has 2048; every entry must be 1 .. 1024");
+  tree = minimal();
+  tree["model"] = {{"img_size", {1024, 1024, 64}}, {"patch_size", {4, 4, 4}}};
+  EXPECT_HAS(error_of(tree), "1048576 patches per crop; at most 65536");
+  tree = minimal();
+  tree["model"] = {{"patch_size", {16, 16, -16}}};
+  EXPECT_HAS(error_of(tree), "\"model.patch_size\" has -16");
+  tree = minimal();
+  tree["model"] = {{"masking_ratio", 1.5}};
+  EXPECT_HAS(error_of(tree), "\"model.masking_ratio\" = 1.5 is out of range");
+  tree = minimal();
+  tree["train"] = {{"lr", 5.0}};
+  EXPECT_HAS(error_of(tree), "\"train.lr\" = 5.0 is out of range; allowed: 1e-12 .. 1");
+  tree = minimal();
+  tree["train"] = {{"lr", 0}};
+  EXPECT_HAS(error_of(tree), "\"train.lr\" = 0 is out of range");
+  tree = minimal();
+  tree["train"] = {{"base_lr", 0.5}, {"batch_size", 1024}};  // 0.5 x 1024 / 256 = 2
+  EXPECT_HAS(error_of(tree), "gives a learning rate of 2");
+  tree = minimal();
+  tree["train"] = {{"lr_min", 1e-3}};  // above 1.5e-4 x 2 / 256
+  EXPECT_HAS(error_of(tree), "\"train.lr_min\" = 0.001 is larger than the learning rate");
 }
 
 TEST(Schedule, WarmupPeakAndEnd) {

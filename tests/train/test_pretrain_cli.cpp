@@ -16,7 +16,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/error.h"
 #include "io/io.h"
+#include "train/trained_model.h"
 
 namespace fs = std::filesystem;
 
@@ -170,7 +172,148 @@ TEST_F(PretrainCli, BadConfigsGiveOneLineErrorsAndStatus2) {
   EXPECT_NE(r.out.find("\"lr_warmup_steps\": 100"), std::string::npos);
   r = run({"--config", config(), "--dry-run"});
   EXPECT_EQ(r.status, 0) << r.out;
+  EXPECT_FALSE(fs::exists(dir_ / "run")) << "a dry run creates nothing";
+  // The memory pre-flight refuses an impossible size in the dry run, before building the model.
+  // (1024^3 crops of 32^3 patches, a ViT-B and an 8-layer decoder: terabytes of attention matrices.)
+  r = run({"--config",
+           config(),
+           "--dry-run",
+           "--set",
+           "model.img_size=[1024,1024,1024]",
+           "--set",
+           "model.patch_size=[32,32,32]",
+           "--set",
+           "model.hidden_size=768",
+           "--set",
+           "model.mlp_dim=3072",
+           "--set",
+           "model.num_layers=12",
+           "--set",
+           "model.num_heads=12",
+           "--set",
+           "model.decoder_hidden_size=384",
+           "--set",
+           "model.decoder_num_layers=8",
+           "--set",
+           "model.decoder_num_heads=12",
+           "--set",
+           "train.batch_size=8"});
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_NE(r.out.find("model.img_size"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("GiB"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(dir_ / "run"));
+}
+
+// True once `pid` has a handler for `sig` (its SigCgt mask in /proc).
+bool catches(pid_t pid, int sig) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("SigCgt:", 0) == 0) return (std::stoull(line.substr(7), nullptr, 16) >> (sig - 1)) & 1ULL;
+  }
+  return false;
+}
+
+TEST_F(PretrainCli, SigintAtStartUpIsAHandledStopWithNothingToResume) {
+  const pid_t pid = start({"--config", config()});
+  // As soon as the handler is there (the first thing main does), before config and data are read.
+  bool installed = false;
+  for (int i = 0; i < 20000 && !installed; ++i) {
+    installed = catches(pid, SIGINT);
+    if (!installed) std::this_thread::sleep_for(std::chrono::microseconds(250));
+  }
+  ASSERT_TRUE(installed);
+  ::kill(pid, SIGINT);
+  const auto r = finish(pid);
+  EXPECT_EQ(r.status, 130) << r.out;
+  EXPECT_NE(r.out.find("stopped before training started; nothing to resume"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("checkpoint  ("), std::string::npos) << r.out;
   EXPECT_FALSE(fs::exists(dir_ / "run" / "checkpoints"));
+}
+
+// True once `sig` is blocked in `pid` (the launcher's first act) or caught (the program's).
+bool holds_back(pid_t pid, int sig) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  bool held = false;
+  while (std::getline(in, line)) {
+    if (line.rfind("SigBlk:", 0) == 0 || line.rfind("SigCgt:", 0) == 0) {
+      held = held || ((std::stoull(line.substr(7), nullptr, 16) >> (sig - 1)) & 1ULL);
+    }
+  }
+  return held;
+}
+
+// While LibTorch and ITK load (a few tenths of a second before any code of the program runs), a
+// Ctrl-C waits instead of killing the process: at once, and at moments through the loading.
+TEST_F(PretrainCli, SigintWhileTheLibrariesLoadIsAHandledStop) {
+  for (const int delay_ms : {0, 20, 80}) {
+    const pid_t pid = start({"--config", config()});
+    bool held = false;
+    for (int i = 0; i < 20000 && !held; ++i) {
+      held = holds_back(pid, SIGINT);
+      if (!held) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+    ASSERT_TRUE(held);
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+    ::kill(pid, SIGINT);
+    const auto r = finish(pid);
+    EXPECT_EQ(r.status, 130) << "SIGINT " << delay_ms << " ms after start: " << r.out;
+    EXPECT_NE(r.out.find("nothing to resume"), std::string::npos) << r.out;
+  }
+}
+
+TEST_F(PretrainCli, SecondProcessOnTheSameRunFolderIsRefusedNamingTheHolder) {
+  const pid_t pid = start({"--config", config()});
+  ASSERT_TRUE(wait_for_steps(2));
+  // The second one writes to its own output file.
+  const pid_t second = ::fork();
+  if (second == 0) {
+    FILE* f = std::freopen((dir_ / "out2.txt").c_str(), "w", stdout);
+    (void)f;
+    ::dup2(::fileno(stdout), 2);
+    const std::string cfg = config();
+    ::execl(MAE_PRETRAIN_BIN, MAE_PRETRAIN_BIN, "--config", cfg.c_str(), "--resume", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  int status = 0;
+  ::waitpid(second, &status, 0);
+  std::ifstream in(dir_ / "out2.txt");
+  const std::string out((std::istreambuf_iterator<char>(in)), {});
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 2) << out;
+  EXPECT_NE(out.find("PID " + std::to_string(pid)), std::string::npos) << out;
+  ::kill(pid, SIGTERM);
+  EXPECT_EQ(finish(pid).status, 143);
+}
+
+TEST_F(PretrainCli, ReadersOfARunThatIsTrainingGetAConsistentCheckpoint) {
+  // A checkpoint at every step and only the newest kept: every read races a prune.
+  const pid_t pid =
+      start({"--config", config(), "--set", "train.checkpoint_every=1", "--set", "train.keep_last=1", "--set",
+             "model.hidden_size=96", "--set", "model.mlp_dim=384", "--set", "model.num_layers=2"});
+  bool first = false;
+  for (int i = 0; i < 600 && !first; ++i) {
+    first = fs::exists(dir_ / "run" / "checkpoints" / "latest");
+    if (!first) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(first);
+  int failures = 0;
+  std::string last_error;
+  int64_t last_step = -1;
+  for (int i = 0; i < 40; ++i) {
+    try {
+      const auto t = mae::load_trained_model((dir_ / "run").string());
+      EXPECT_GE(t.step, last_step);
+      last_step = t.step;
+    } catch (const mae::Error& e) {
+      ++failures;
+      last_error = e.what();
+    }
+  }
+  ::kill(pid, SIGTERM);
+  EXPECT_EQ(finish(pid).status, 143);
+  EXPECT_EQ(failures, 0) << last_error;
+  EXPECT_GT(last_step, 0);
 }
 
 TEST_F(PretrainCli, DiskFullWhileCheckpointingNamesThePathAndKeepsThePreviousCheckpoint) {

@@ -5,9 +5,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 
 #include "../common/temp_dir.h"
@@ -15,6 +17,8 @@
 #include "io/io.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
+#include "train/memory.h"
+#include "train/trained_model.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -369,6 +373,414 @@ TEST_F(Trainer, Bfloat16AutocastTrainsWithFiniteLosses) {
     EXPECT_TRUE(std::isfinite(loss)) << step;
     EXPECT_GT(loss, 0.0);
   }
+}
+
+}  // namespace
+
+namespace {
+
+// Every file and folder under `root` with a digest of its contents ("" when it does not exist).
+std::map<std::string, size_t> snapshot(const fs::path& root) {
+  std::map<std::string, size_t> out;
+  std::error_code ec;
+  if (!fs::exists(root, ec)) return out;
+  for (const auto& e : fs::recursive_directory_iterator(root)) {
+    const std::string rel = fs::relative(e.path(), root).string();
+    if (e.is_directory()) {
+      out[rel + "/"] = 0;
+    } else {
+      std::ifstream in(e.path(), std::ios::binary);
+      const std::string bytes((std::istreambuf_iterator<char>(in)), {});
+      out[rel] = std::hash<std::string>()(bytes);
+    }
+  }
+  return out;
+}
+
+template <typename E>
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("wrong error type: ") + e.what();
+  }
+  return "no error";
+}
+
+// The message must name every part of `names`.
+void expect_names(const std::string& message, const std::vector<std::string>& names) {
+  for (const auto& n : names) EXPECT_NE(message.find(n), std::string::npos) << "\"" << n << "\" not in: " << message;
+}
+
+nlohmann::json read_json_file(const fs::path& p) { return nlohmann::json::parse(std::ifstream(p)); }
+void write_json_file(const fs::path& p, const nlohmann::json& j) { std::ofstream(p, std::ios::trunc) << j.dump(2); }
+
+fs::path step_dir(const std::string& run, int64_t step) {
+  return fs::path(run) / "checkpoints" / mae::checkpoint_name(step);
+}
+
+TEST_F(Trainer, WeightsOfAnotherArchitectureAreRefusedNamingTheTensorAndBothShapes) {
+  TempDir dir;
+  write_dataset(dir);
+  const auto tree = tiny_tree(dir);
+  const auto config = mae::config_from_json(tree);
+  // A checkpoint whose config.json says hidden_size 24 but whose model.pt holds 48-wide tensors.
+  auto wide_tree = tree;
+  wide_tree["model"]["hidden_size"] = 48;
+  mae::MaskedAutoencoder wide(mae::model_options_from(mae::config_from_json(wide_tree).model));
+  mae::CheckpointInfo info;
+  info.step = 4;
+  info.config = mae::config_to_json(config);
+  const auto ckpt = mae::save_checkpoint(dir / "run", info, *wide, nullptr, {});
+  const auto msg = error_of<mae::CheckpointError>([&] { mae::load_trained_model(ckpt); });
+  expect_names(msg, {"model.pt", "\"cls_token\"", "[1, 1, 48]", "[1, 1, 24]"});
+  // One layer more in the weights than in the config: a tensor the config's model does not have.
+  auto deep_tree = tree;
+  deep_tree["model"]["num_layers"] = 2;
+  mae::MaskedAutoencoder deep(mae::model_options_from(mae::config_from_json(deep_tree).model));
+  info.step = 5;
+  const auto ckpt2 = mae::save_checkpoint(dir / "run", info, *deep, nullptr, {});
+  expect_names(error_of<mae::CheckpointError>([&] { mae::load_trained_model(ckpt2); }),
+               {"model.pt", "\"blocks.1.weight\" [24]", "is missing"});
+  // Fewer layers: a missing tensor.
+  auto shallow_tree = tree;
+  shallow_tree["model"]["decoder_num_layers"] = 2;
+  info.config = mae::config_to_json(mae::config_from_json(shallow_tree));
+  mae::MaskedAutoencoder right(mae::model_options_from(config.model));
+  info.step = 6;
+  const auto ckpt3 = mae::save_checkpoint(dir / "run", info, *right, nullptr, {});
+  expect_names(error_of<mae::CheckpointError>([&] { mae::load_trained_model(ckpt3); }),
+               {"model.pt", "\"decoder_blocks.1.norm1.weight\" [12]", "is missing"});
+  // A bias the config's model does not have: an unexpected tensor.
+  auto bias_tree = tree;
+  bias_tree["model"]["qkv_bias"] = true;
+  mae::MaskedAutoencoder biased(mae::model_options_from(mae::config_from_json(bias_tree).model));
+  info.config = mae::config_to_json(config);
+  info.step = 7;
+  const auto ckpt4 = mae::save_checkpoint(dir / "run", info, *biased, nullptr, {});
+  expect_names(error_of<mae::CheckpointError>([&] { mae::load_trained_model(ckpt4); }),
+               {"model.pt", "unexpected tensor \"blocks.0.attn.qkv.bias\" [72]"});
+}
+
+TEST_F(Trainer, PartsOfAnotherRunOrStepAreRefusedNamingThePart) {
+  TempDir dir;
+  write_dataset(dir);
+  auto tree = tiny_tree(dir);
+  tree["train"]["max_steps"] = 20;
+  tree["train"]["keep_last"] = 10;
+  mae::train(mae::config_from_json(tree), {});
+  auto other = tree;
+  other["seed"] = 4;
+  other["output"]["dir"] = dir / "other";
+  mae::train(mae::config_from_json(other), {});
+  const std::string run = dir / "run";
+  const fs::path mine = step_dir(run, 10), theirs = step_dir(dir / "other", 10);
+  const std::string own_id = mae::read_checkpoint_info(mine.string()).run_id;
+  EXPECT_NE(own_id, mae::read_checkpoint_info(theirs.string()).run_id);
+  mae::TrainOptions resume;
+  resume.resume = true;
+  resume.resume_from = mine.string();
+  tree["train"]["max_steps"] = 15;
+  const auto config = mae::config_from_json(tree);
+  auto swap_in = [&](const fs::path& from, const std::string& part, const std::vector<std::string>& names) {
+    SCOPED_TRACE(from.string() + " " + part);
+    fs::copy_file(mine / part, dir / "backup", fs::copy_options::overwrite_existing);
+    fs::copy_file(from / part, mine / part, fs::copy_options::overwrite_existing);
+    auto all = names;
+    all.push_back(part);
+    expect_names(error_of<mae::CheckpointError>([&] { mae::train(config, resume); }), all);
+    fs::copy_file(dir / "backup", mine / part, fs::copy_options::overwrite_existing);
+  };
+  for (const char* part : {"model.pt", "optimizer.pt", "rng.pt", "trainer_state.json"}) {
+    swap_in(theirs, part, {own_id});
+  }
+  swap_in(theirs, "config.json", {"digest"});
+  for (const char* part : {"model.pt", "optimizer.pt", "rng.pt", "trainer_state.json"}) {
+    swap_in(step_dir(run, 20), part, {"20", "10"});  // another step of the same run
+  }
+  // meta.json at step 7 beside trainer_state.json at step 10.
+  auto meta = read_json_file(mine / "meta.json");
+  const auto good_meta = meta;
+  meta["step"] = 7;
+  write_json_file(mine / "meta.json", meta);
+  expect_names(error_of<mae::CheckpointError>([&] { mae::train(config, resume); }), {"trainer_state.json", "7"});
+  write_json_file(mine / "meta.json", good_meta);
+  // A version 1 checkpoint (before run ids) is refused with a clear message.
+  meta = good_meta;
+  meta["format_version"] = 1;
+  write_json_file(mine / "meta.json", meta);
+  expect_names(error_of<mae::CheckpointError>([&] { mae::train(config, resume); }),
+               {"meta.json", "format version 1", "older mae3d"});
+  write_json_file(mine / "meta.json", good_meta);
+  // Nothing was lost along the way: the intact checkpoint resumes.
+  EXPECT_TRUE(fs::exists(step_dir(run, 20)));
+  EXPECT_EQ(mae::train(config, resume).step, 15);
+}
+
+TEST_F(Trainer, NumbersReadFromCheckpointsAreTypeAndRangeChecked) {
+  TempDir dir;
+  write_dataset(dir);
+  auto tree = tiny_tree(dir);
+  tree["train"]["max_steps"] = 10;
+  mae::train(mae::config_from_json(tree), {});
+  const fs::path ckpt = step_dir(dir / "run", 10);
+  tree["train"]["max_steps"] = 12;
+  const auto config = mae::config_from_json(tree);
+  mae::TrainOptions resume;
+  resume.resume = true;
+  const auto state = read_json_file(ckpt / "trainer_state.json");
+  const auto meta = read_json_file(ckpt / "meta.json");
+  struct Case {
+    const char* file;
+    const char* field;
+    nlohmann::json value;
+  };
+  const std::vector<Case> cases = {
+      {"trainer_state.json", "loader_epoch", 4611686018427387904LL},
+      {"trainer_state.json", "loader_epoch", 9223372036854775806LL},
+      {"trainer_state.json", "loader_epoch", INT64_MAX},
+      {"trainer_state.json", "loader_epoch", 18446744073709551615ULL},
+      {"trainer_state.json", "loader_epoch", 3},  // does not fit step 10
+      {"trainer_state.json", "step", -5},
+      {"trainer_state.json", "step", 2.5},
+      {"trainer_state.json", "step", "10"},
+      {"trainer_state.json", "step", true},
+      {"trainer_state.json", "loader_batch", 999},
+      {"trainer_state.json", "loader_batch", nullptr},
+      {"trainer_state.json", "nonfinite_skipped", -1},
+      {"trainer_state.json", "smoothed_loss", "low"},
+      {"trainer_state.json", "best_val_loss", -1.0},
+      {"trainer_state.json", "total_steps", 1e300},
+      {"trainer_state.json", "unknown_counter", 1},
+      {"meta.json", "step", -5},
+      {"meta.json", "step", 10.5},
+      {"meta.json", "diverged", "yes"},
+      {"meta.json", "val_loss", "x"},
+      {"meta.json", "run_id", 12},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(std::string(c.file) + " " + c.field + " = " + c.value.dump());
+    auto j = std::string(c.file) == "meta.json" ? meta : state;
+    j[c.field] = c.value;
+    write_json_file(ckpt / c.file, j);
+    expect_names(error_of<mae::CheckpointError>([&] { mae::train(config, resume); }), {c.file, c.field});
+    write_json_file(ckpt / c.file, std::string(c.file) == "meta.json" ? meta : state);
+  }
+  EXPECT_EQ(mae::train(config, resume).step, 12);
+}
+
+TEST_F(Trainer, DryRunAndDataCheckChangeNothingOnDisk) {
+  TempDir dir;
+  write_dataset(dir);
+  auto tree = tiny_tree(dir);
+  tree["train"]["keep_last"] = 10;
+  mae::train(mae::config_from_json(tree), {});  // step_10, 20, 30
+  const std::string run = dir / "run";
+  const auto before = snapshot(run);
+  ASSERT_TRUE(before.count("checkpoints/step_00000030/model.pt"));
+  auto changed = tree;
+  changed["train"]["lr"] = 1e-3;  // a config.json that would differ if rewritten
+  mae::TrainOptions dry;
+  dry.dry_run = true;
+  dry.resume = true;
+  dry.resume_from = step_dir(run, 10).string();
+  EXPECT_EQ(mae::train(mae::config_from_json(changed), dry).step, 10);
+  EXPECT_EQ(snapshot(run), before);
+  dry.resume_from.clear();
+  EXPECT_EQ(mae::train(mae::config_from_json(changed), dry).step, 30);
+  EXPECT_EQ(snapshot(run), before);
+  // Into a folder that does not exist: it is not created, nor is anything else.
+  const auto outside = snapshot(dir.path);
+  changed["output"]["dir"] = dir / "new/run";
+  mae::TrainOptions fresh_dry;
+  fresh_dry.dry_run = true;
+  mae::train(mae::config_from_json(changed), fresh_dry);
+  mae::TrainOptions check;
+  check.check_data_only = true;
+  mae::train(mae::config_from_json(changed), check);
+  EXPECT_FALSE(fs::exists(dir / "new"));
+  EXPECT_EQ(snapshot(dir.path), outside);
+}
+
+TEST_F(Trainer, ResumeDeletesAbandonedCheckpointsOnlyAfterItsFirstCheckpoint) {
+  TempDir dir;
+  write_dataset(dir);
+  auto tree = tiny_tree(dir);
+  tree["train"]["keep_last"] = 10;
+  mae::train(mae::config_from_json(tree), {});  // step_10, 20, 30
+  const std::string run = dir / "run";
+  tree["train"]["max_steps"] = 25;
+  mae::TrainOptions resume;
+  resume.resume = true;
+  resume.resume_from = step_dir(run, 10).string();
+  bool checked_before = false, checked_after = false;
+  resume.on_step = [&](int64_t step, double) {
+    std::string name;
+    std::ifstream(fs::path(run) / "checkpoints" / "latest") >> name;
+    EXPECT_TRUE(fs::exists(fs::path(run) / "checkpoints" / name / "meta.json")) << "latest = " << name;
+    if (step == 11) {  // nothing written yet: the old continuation is intact
+      EXPECT_TRUE(fs::exists(step_dir(run, 30)));
+      EXPECT_EQ(name, "step_00000030");
+      checked_before = true;
+    }
+    if (step == 20) {  // the first new checkpoint is written: the abandoned one is gone
+      EXPECT_FALSE(fs::exists(step_dir(run, 30)));
+      EXPECT_EQ(name, "step_00000020");
+      checked_after = true;
+    }
+  };
+  EXPECT_EQ(mae::train(mae::config_from_json(tree), resume).step, 25);
+  EXPECT_TRUE(checked_before && checked_after);
+  // A stop before the first new step writes nothing and deletes nothing.
+  tree["train"]["max_steps"] = 40;
+  const auto before = snapshot(fs::path(run) / "checkpoints");
+  mae::TrainOptions again;
+  again.resume = true;
+  again.resume_from = step_dir(run, 10).string();
+  again.on_step = [](int64_t, double) {};
+  mae::request_stop(SIGINT);
+  const auto r = mae::train(mae::config_from_json(tree), again);
+  EXPECT_TRUE(r.interrupted && r.before_training);
+  EXPECT_EQ(snapshot(fs::path(run) / "checkpoints"), before);
+}
+
+TEST_F(Trainer, ResumingAnotherRunsCheckpointIntoThisRunIsRefusedAndDeletesNothing) {
+  TempDir dir;
+  write_dataset(dir);
+  auto tree = tiny_tree(dir);
+  tree["train"]["keep_last"] = 10;
+  mae::train(mae::config_from_json(tree), {});  // run: step_10, 20, 30
+  auto other = tree;
+  other["output"]["dir"] = dir / "other";
+  other["train"]["max_steps"] = 10;
+  mae::train(mae::config_from_json(other), {});
+  const std::string run = dir / "run";
+  const auto before = snapshot(run);
+  mae::TrainOptions foreign;
+  foreign.resume = true;
+  foreign.resume_from = step_dir(dir / "other", 10).string();
+  expect_names(error_of<mae::CheckpointError>([&] { mae::train(mae::config_from_json(tree), foreign); }),
+               {"step_00000010", "holds run", mae::run_id_of(run)});
+  EXPECT_EQ(snapshot(run), before);
+  // Into an empty folder the other run continues there, under its own run id.
+  auto moved = other;
+  moved["output"]["dir"] = dir / "continued";
+  moved["train"]["max_steps"] = 12;
+  EXPECT_EQ(mae::train(mae::config_from_json(moved), foreign).step, 12);
+  EXPECT_EQ(mae::run_id_of(dir / "continued"), mae::run_id_of(dir / "other"));
+  std::string id;
+  std::ifstream(fs::path(dir / "continued") / "run_id") >> id;
+  EXPECT_EQ(id, mae::run_id_of(dir / "other"));
+}
+
+TEST_F(Trainer, RunFolderIsLockedAndPruningSkipsACheckpointAReaderHolds) {
+  TempDir dir;
+  write_dataset(dir);
+  auto tree = tiny_tree(dir);
+  tree["train"]["keep_last"] = 10;
+  tree["train"]["val_every"] = 1000;  // validation (and so a "best" checkpoint) only at the end
+  fs::create_directories(dir / "run");
+  {
+    const mae::RunLock held(dir / "run");
+    expect_names(error_of<mae::ConfigError>([&] { mae::train(mae::config_from_json(tree), {}); }),
+                 {"output.dir", "PID " + std::to_string(::getpid())});
+  }
+  mae::train(mae::config_from_json(tree), {});  // released: step_10, 20, 30
+  const std::string run = dir / "run";
+  {
+    const auto reading = mae::lock_checkpoint(step_dir(run, 10).string());
+    mae::prune_checkpoints(run, 1);
+    EXPECT_TRUE(fs::exists(step_dir(run, 10) / "model.pt"));  // held by the reader: kept for now
+    EXPECT_FALSE(fs::exists(step_dir(run, 20)));
+    EXPECT_TRUE(fs::exists(step_dir(run, 30)));
+  }
+  mae::prune_checkpoints(run, 1);  // the reader is done: a later prune deletes it
+  EXPECT_FALSE(fs::exists(step_dir(run, 10)));
+  EXPECT_TRUE(fs::exists(step_dir(run, 30)));
+}
+
+TEST_F(Trainer, DivergedCheckpointIsExposedOnTheLoadedModel) {
+  TempDir dir;
+  write_dataset(dir, /*scale=*/1e20);
+  auto tree = tiny_tree(dir);
+  tree["data"]["intensity"]["mode"] = "none";
+  EXPECT_THROW(mae::train(mae::config_from_json(tree), {}), mae::Error);
+  const auto trained =
+      mae::load_trained_model((fs::path(dir / "run") / "checkpoints" / "diverged_step_00000000").string());
+  EXPECT_TRUE(trained.diverged);
+  expect_names(trained.diverged_reason, {"not finite", "step 1"});
+  expect_names(mae::diverged_warning(trained), {"diverged_step_00000000", "marked diverged", "not finite"});
+}
+
+TEST_F(Trainer, StopRequestedBeforeTrainingStartsWritesNothing) {
+  TempDir dir;
+  write_dataset(dir);
+  auto tree = tiny_tree(dir);
+  mae::request_stop(SIGINT);
+  const auto r = mae::train(mae::config_from_json(tree), {});
+  EXPECT_TRUE(r.interrupted);
+  EXPECT_TRUE(r.before_training);
+  EXPECT_EQ(r.step, 0);
+  EXPECT_EQ(r.checkpoint, "");
+  EXPECT_FALSE(fs::exists(dir / "run"));
+}
+
+TEST_F(Trainer, MemoryPreflightRefusesImpossibleSizesAndAcceptsTheShippedConfigs) {
+  TempDir dir;
+  write_dataset(dir);
+  // 1024^3 crops of 32^3 patches (32768 tokens: within the config's limits) with a ViT-B and an
+  // 8-layer decoder: terabytes of attention matrices, refused in the dry run before any allocation.
+  auto tree = tiny_tree(dir);
+  for (const auto& [key, value] : std::map<std::string, nlohmann::json>{{"img_size", {1024, 1024, 1024}},
+                                                                        {"patch_size", {32, 32, 32}},
+                                                                        {"hidden_size", 768},
+                                                                        {"mlp_dim", 3072},
+                                                                        {"num_layers", 12},
+                                                                        {"num_heads", 12},
+                                                                        {"decoder_hidden_size", 384},
+                                                                        {"decoder_mlp_dim", 1536},
+                                                                        {"decoder_num_layers", 8},
+                                                                        {"decoder_num_heads", 12}}) {
+    tree["model"][key] = value;
+  }
+  tree["train"]["batch_size"] = 8;
+  mae::TrainOptions dry;
+  dry.dry_run = true;
+  const auto t0 = std::chrono::steady_clock::now();
+  expect_names(error_of<mae::ConfigError>([&] { mae::train(mae::config_from_json(tree), dry); }),
+               {"model.img_size", "[1024,1024,1024]", "train.batch_size", "GiB", "memory"});
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  EXPECT_FALSE(fs::exists(dir / "run"));
+  // A smaller one that needs about 11 GiB: refused on a machine of 8 GiB, accepted on 24 GiB.
+  tree["model"]["img_size"] = {256, 256, 256};
+  tree["model"]["patch_size"] = {16, 16, 16};
+  tree["train"]["batch_size"] = 1;
+  const auto mid = mae::config_from_json(tree);
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  const double need = mae::estimate_training_memory(mid).total;
+  EXPECT_GT(need, 8 * gib);
+  EXPECT_LT(need, 24 * gib);
+  expect_names(error_of<mae::ConfigError>([&] { mae::check_training_memory(mid, 8 * gib); }),
+               {"needs about", "8.0 GiB"});
+  EXPECT_NO_THROW(mae::check_training_memory(mid, 24 * gib));
+  // The shipped configs fit a 24 GiB machine; ViT-B at 96^3 needs more than 1 GiB.
+  for (const char* name : {"demo.json", "ct_96.json", "mri_96.json"}) {
+    const auto config = mae::load_config(std::string(MAE3D_SOURCE_DIR) + "/configs/" + name);
+    const auto m = mae::estimate_training_memory(config);
+    EXPECT_LT(m.total, 24 * gib) << name;
+    EXPECT_NO_THROW(mae::check_training_memory(config, 24 * gib)) << name;
+  }
+  const auto ct =
+      mae::estimate_training_memory(mae::load_config(std::string(MAE3D_SOURCE_DIR) + "/configs/ct_96.json"));
+  EXPECT_GT(ct.total, 1.0 * gib);
+  // The parameter count is exact for the tiny model.
+  const auto tiny = mae::config_from_json(tiny_tree(dir));
+  mae::MaskedAutoencoder model(mae::model_options_from(tiny.model));
+  double n = 0;
+  for (const auto& p : model->parameters()) n += static_cast<double>(p.numel());
+  EXPECT_DOUBLE_EQ(mae::estimate_training_memory(tiny).parameters, n);
 }
 
 }  // namespace
