@@ -12,6 +12,8 @@
 
 #include "cli.h"
 #include "core/error.h"
+#include "core/printable.h"
+#include "core/threads.h"
 #include "model/flops.h"
 #include "model/mae.h"
 #include "model/ops.h"
@@ -48,6 +50,8 @@ double matmul_gflops(int64_t size, int reps) {
   }
   return 2.0 * static_cast<double>(size * size * size) / median(times) / 1e9;
 }
+
+constexpr int64_t kMaxSteps = 100000;  // --warmup / --iters: a day of preset A steps on two cores
 
 struct BenchSettings {
   std::string preset = "A";
@@ -168,14 +172,32 @@ int main(int argc, char** argv) {
   BenchSettings settings;
   std::vector<std::string> presets{"A"};
   mae::add_common_flags(app, common);
-  app.add_option("--preset", presets, "presets to run: A (96³, ViT-B), B (64³, ViT-S-like), tiny")->expected(1, -1);
-  app.add_option("--warmup", settings.warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
-  app.add_option("--iters", settings.iters, "timed steps (median reported)")->check(CLI::PositiveNumber);
+  app.add_option("--preset", presets, "presets to run: A (96³, ViT-B), B (64³, ViT-S-like), tiny")
+      ->expected(1, -1)
+      ->check(CLI::IsMember({"A", "B", "tiny"}));
+  app.add_option("--warmup", settings.warmup, "untimed steps first")->check(mae::int_range(0, kMaxSteps));
+  app.add_option("--iters", settings.iters, "timed steps (median reported)")->check(mae::int_range(1, kMaxSteps));
   app.add_option("--device", settings.device, "cpu, cuda or cuda:N");
   return mae::run_program(app, argc, argv, [&] {
     mae::apply_common_flags(common);
-    if (settings.device.rfind("cuda", 0) == 0 && !torch::cuda::is_available()) {
-      throw mae::ConfigError("--device " + settings.device + ": CUDA is not available in this build or machine");
+    if (!mae::is_device_name(settings.device, /*allow_auto=*/false)) {
+      throw mae::ConfigError("--device \"" + mae::printable(settings.device) +
+                             "\" is not a device; valid devices: cpu, cuda, cuda:N (N = 0 .. number of GPUs - 1)");
+    }
+    if (settings.device.rfind("cuda", 0) == 0) {
+      if (!torch::cuda::is_available()) {
+        throw mae::ConfigError("--device " + settings.device + ": CUDA is not available in this build or machine");
+      }
+      const auto colon = settings.device.find(':');
+      const int64_t count = static_cast<int64_t>(torch::cuda::device_count());
+      if (colon != std::string::npos && std::stoll(settings.device.substr(colon + 1)) >= count) {
+        throw mae::ConfigError("--device " + settings.device + ": this machine has " + std::to_string(count) +
+                               " GPU(s), cuda:0 .. cuda:" + std::to_string(count - 1));
+      }
+    }
+    for (const auto& p : presets) {
+      int64_t batch = 0;
+      preset_options(p, batch);  // refuse a bad preset before the slow matmul measurement
     }
     const double mm = matmul_gflops(2048, 5);
     for (const auto& p : presets) std::cout << bench_one(p, settings, mm) << std::endl;

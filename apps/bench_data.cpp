@@ -8,14 +8,15 @@
 
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
-#include <unistd.h>
 
 #include "cli.h"
 #include "core/error.h"
+#include "core/printable.h"
 #include "core/threads.h"
 #include "data/cache.h"
 #include "data/loader.h"
@@ -24,9 +25,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 template <class T>
 void put(char* hdr, size_t offset, T value) {
@@ -50,8 +49,8 @@ void write_synthetic_ct(const std::string& path, int64_t nx, int64_t ny, int64_t
   put<int32_t>(hdr, 0, 348);
   const int16_t dim[8] = {3, static_cast<int16_t>(nx), static_cast<int16_t>(ny), static_cast<int16_t>(nz), 1, 1, 1, 1};
   std::memcpy(hdr + 40, dim, sizeof dim);
-  put<int16_t>(hdr, 70, 4);    // DT_INT16
-  put<int16_t>(hdr, 72, 16);   // bitpix
+  put<int16_t>(hdr, 70, 4);   // DT_INT16
+  put<int16_t>(hdr, 72, 16);  // bitpix
   const float pixdim[8] = {1.f, sx, sy, sz, 1.f, 1.f, 1.f, 1.f};
   std::memcpy(hdr + 76, pixdim, sizeof pixdim);
   put<float>(hdr, 108, 352.f);  // vox_offset
@@ -105,10 +104,16 @@ void bench_reads(const std::string& name, const std::string& path, mae::DataConf
   for (int r = 0; r < warm_reps; ++r) cache.load(entry);
   const double warm = now_s() - t0;
   for (auto [mode, secs, reps] : {std::tuple{"cold", cold, cold_reps}, std::tuple{"warm", warm, warm_reps}}) {
-    emit({{"bench", "read"}, {"volume", name}, {"mode", mode}, {"threads", threads},
-          {"volumes_per_s", reps / secs}, {"source_voxels_per_s", src_voxels * reps / secs},
-          {"output_voxels_per_s", out_voxels * reps / secs}, {"seconds_per_volume", secs / reps},
-          {"source_voxels", src_voxels}, {"output_voxels", out_voxels}});
+    emit({{"bench", "read"},
+          {"volume", name},
+          {"mode", mode},
+          {"threads", threads},
+          {"volumes_per_s", reps / secs},
+          {"source_voxels_per_s", src_voxels * reps / secs},
+          {"output_voxels_per_s", out_voxels * reps / secs},
+          {"seconds_per_volume", secs / reps},
+          {"source_voxels", src_voxels},
+          {"output_voxels", out_voxels}});
   }
 }
 
@@ -124,31 +129,74 @@ void bench_loader(const std::string& ct, mae::DataConfig config, int64_t memory_
   const double t0 = now_s();
   for (int i = 0; i < batches; ++i) loader.next();
   const double secs = now_s() - t0;
-  emit({{"bench", "loader"}, {"crop", {96, 96, 96}}, {"batch_size", 2}, {"workers", config.workers},
-        {"memory_cache_mb", memory_mb}, {"batches", batches}, {"crops_per_s", 2 * batches / secs},
+  emit({{"bench", "loader"},
+        {"crop", {96, 96, 96}},
+        {"batch_size", 2},
+        {"workers", config.workers},
+        {"memory_cache_mb", memory_mb},
+        {"batches", batches},
+        {"crops_per_s", 2 * batches / secs},
         {"target_crops_per_s", 10}});
 }
+
+// The benchmark's scratch folder: created on construction, removed with its contents on
+// destruction (also when a measurement fails) when the program made it.
+class ScratchDir {
+ public:
+  explicit ScratchDir(const std::string& user_dir) {
+    own_ = user_dir.empty();
+    path_ = own_ ? fs::temp_directory_path() / ("mae3d_bench_data_" + std::to_string(::getpid())) : fs::path(user_dir);
+    std::error_code ec;
+    if (!own_ && fs::exists(path_, ec) && !fs::is_directory(path_, ec)) {
+      throw mae::ConfigError("--work-dir " + mae::printable(user_dir) + ": is a file, not a folder");
+    }
+    if (own_) fs::remove_all(path_, ec);  // left by an earlier process with the same id
+    fs::create_directories(path_, ec);
+    if (!fs::is_directory(path_)) {
+      throw mae::IoError(mae::printable(path_.string()) + ": cannot create the scratch folder: " + ec.message());
+    }
+  }
+  ~ScratchDir() {
+    if (!own_) return;
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  /// The folder.
+  const fs::path& path() const { return path_; }
+
+ private:
+  fs::path path_;
+  bool own_ = false;
+};
 
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"Benchmarks the data pipeline (cold and warm reads, loader throughput).", "mae-bench-data"};
-  std::string work_dir, mri = "/usr/share/mricron/templates/ch2.nii.gz";
+  const std::string default_mri = "/usr/share/mricron/templates/ch2.nii.gz";
+  std::string work_dir, mri = default_mri;
   int cold_reps = 1, warm_reps = 3, batches = 40, workers = 2;
   mae::CommonFlags common;
   app.add_option("--work-dir", work_dir, "scratch folder (default: a new folder under the temp folder, removed)");
-  app.add_option("--mri", mri, "real MRI to read");
-  app.add_option("--cold-reps", cold_reps, "cold reads per measurement")->check(CLI::PositiveNumber);
-  app.add_option("--warm-reps", warm_reps, "warm reads per measurement")->check(CLI::PositiveNumber);
-  app.add_option("--batches", batches, "loader batches to time")->check(CLI::PositiveNumber);
-  app.add_option("--workers", workers, "loader threads")->check(CLI::NonNegativeNumber);
+  auto* mri_flag = app.add_option("--mri", mri, "real MRI to read (default " + default_mri + ", skipped when absent)");
+  app.add_option("--cold-reps", cold_reps, "cold reads per measurement")->check(mae::int_range(1, 1000));
+  app.add_option("--warm-reps", warm_reps, "warm reads per measurement")->check(mae::int_range(1, 100000));
+  app.add_option("--batches", batches, "loader batches to time")->check(mae::int_range(1, 100000));
+  app.add_option("--workers", workers, "loader threads")->check(mae::int_range(0, 256));
   mae::add_common_flags(app, common);
   return mae::run_program(app, argc, argv, [&] {
     mae::apply_common_flags(common);
-    const bool own_dir = work_dir.empty();
-    const fs::path work = own_dir ? fs::temp_directory_path() / ("mae3d_bench_data_" + std::to_string(::getpid()))
-                                  : fs::path(work_dir);
-    fs::create_directories(work);
+    std::error_code ec;
+    const bool use_mri = mri_flag->count() > 0 || fs::exists(mri, ec);
+    if (mri_flag->count() > 0) {
+      if (!fs::exists(mri, ec)) throw mae::ConfigError("--mri " + mae::printable(mri) + ": no such file or folder");
+    } else if (!use_mri) {
+      emit({{"bench", "skip"}, {"volume", mri}, {"reason", "not installed (Debian package mricron-data)"}});
+    }
+    const ScratchDir scratch(work_dir);
+    const fs::path& work = scratch.path();
 
     mae::DataConfig mri_cfg;  // published MRI settings
     mri_cfg.spacing_mm = std::array<double, 3>{1.0, 1.0, 1.0};
@@ -160,13 +208,17 @@ int main(int argc, char** argv) {
     ct_cfg.flip_prob = 0.2;
     ct_cfg.workers = workers;
 
+    if (use_mri) {  // a bad --mri fails here, before the minute of synthetic-CT work
+      mri_cfg.cache_dir = (work / "check_mri").string();
+      mae::VolumeCache(mri_cfg).load({{mri}, ""});
+    }
     const std::string ct = (work / "synthetic_ct_512x512x200.nii.gz").string();
     double t0 = now_s();
     write_synthetic_ct(ct, 512, 512, 200);
     emit({{"bench", "setup"}, {"wrote", ct}, {"seconds", now_s() - t0}, {"bytes", fs::file_size(ct)}});
 
     for (int threads : {1, 2}) {
-      if (fs::exists(mri)) bench_reads("ch2_mri", mri, mri_cfg, work, threads, cold_reps, warm_reps);
+      if (use_mri) bench_reads("ch2_mri", mri, mri_cfg, work, threads, cold_reps, warm_reps);
       bench_reads("synthetic_ct", ct, ct_cfg, work, threads, cold_reps, warm_reps);
     }
     mae::set_threads(common.threads);
@@ -174,7 +226,6 @@ int main(int argc, char** argv) {
     mae::VolumeCache(ct_cfg).load({{ct}, ""});  // warm it
     bench_loader(ct, ct_cfg, 1024, batches);
     bench_loader(ct, ct_cfg, 0, batches);
-    if (own_dir) fs::remove_all(work);
     return 0;
   });
 }

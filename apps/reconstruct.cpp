@@ -4,8 +4,11 @@
 
 #include <cstdio>
 #include <iostream>
+#include <limits>
+#include <memory>
 
 #include "cli.h"
+#include "infer/windows.h"
 
 int main(int argc, char** argv) {
   CLI::App app{
@@ -20,9 +23,14 @@ int main(int argc, char** argv) {
       ->required();
   app.add_option("--input", req.inputs, "volume file or DICOM folder (repeat for multi-channel models)")->required();
   app.add_option("--out", req.out_dir, "output folder (created)")->required();
-  app.add_option("--masking-ratio", ratio, "share of patches masked per window (default: the checkpoint's)");
-  app.add_option("--seed", req.options.seed, "seed of the masks (windows in raster order)");
-  app.add_option("--overlap", req.options.overlap, "overlap of neighbouring windows, 0 <= overlap < 1 (default 0.25)");
+  auto* ratio_flag =
+      app.add_option("--masking-ratio", ratio, "share of patches masked per window (default: the checkpoint's)");
+  app.add_option("--seed", req.options.seed, "seed of the masks (windows in raster order)")
+      ->check(mae::int_range(0, std::numeric_limits<int64_t>::max()));
+  char overlap_help[96];
+  std::snprintf(overlap_help, sizeof overlap_help, "overlap of neighbouring windows, 0 .. %g (default 0.25)",
+                mae::kMaxOverlap);
+  app.add_option("--overlap", req.options.overlap, overlap_help)->check(mae::real_range(0.0, mae::kMaxOverlap));
   app.add_option("--slice", slice_texts,
                  "montage row: axial|coronal|sagittal[:INDEX] (index in the preprocessed volume; default: the "
                  "middle axial, coronal and sagittal slices; repeatable)");
@@ -32,9 +40,13 @@ int main(int argc, char** argv) {
 
   return mae::run_program(app, argc, argv, [&] {
     mae::apply_common_flags(common);
-    if (ratio != -1.0) req.options.masking_ratio = ratio;
+    if (ratio_flag->count() > 0) req.options.masking_ratio = ratio;
     for (const auto& s : slice_texts) req.slices.push_back(mae::parse_slice_spec(s));
+    // Many windows (a large volume, a high overlap) or a slow machine: say how far it is.
+    auto progress = std::make_shared<mae::ProgressLine>("mae-reconstruct: window");
+    req.options.progress = [progress](int64_t done, int64_t total) { progress->update(done, total); };
     const auto report = mae::run_reconstruction(req);
+    if (!report.warning.empty()) std::cerr << "mae-reconstruct: warning: " << report.warning << std::endl;
     const auto& m = report.metrics;
     auto psnr = [](const nlohmann::json& j) {
       if (j.is_null()) return std::string("inf");

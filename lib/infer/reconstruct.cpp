@@ -213,6 +213,7 @@ Reconstruction reconstruct_volume(const TrainedModel& trained, const Volume& inp
       in_volume(baseline).copy_(at::where(hidden, base[k].expand_as(own_x), own_x));
       in_volume(mask_map).copy_(hidden.to(at::kFloat));
     }
+    if (options.progress) options.progress(static_cast<int64_t>(stop), static_cast<int64_t>(origins.size()));
   }
 
   const at::Tensor masked = mask_map > 0.5;  // (1, D, H, W)
@@ -272,8 +273,9 @@ ReconstructReport run_reconstruction(const ReconstructRequest& req) {
   const auto t0 = std::chrono::steady_clock::now();
   if (req.inputs.empty()) throw ConfigError("no input volume (--input)");
   if (req.out_dir.empty()) throw ConfigError("no output folder (--out)");
-  if (!(req.options.overlap >= 0.0 && req.options.overlap < 1.0)) {
-    throw ConfigError("--overlap " + num_str(req.options.overlap) + ": must be in [0, 1)");
+  if (!(req.options.overlap >= 0.0 && req.options.overlap <= kMaxOverlap)) {
+    throw ConfigError("--overlap " + num_str(req.options.overlap) + ": must be 0 .. " + num_str(kMaxOverlap) +
+                      " (the window count grows as (1 / (1 - overlap))^3: 64x a plain tiling at 0.75)");
   }
   const TrainedModel trained = load_trained_model(req.checkpoint);
   const double ratio = resolve_ratio(trained, req.options);
@@ -302,6 +304,7 @@ ReconstructReport run_reconstruction(const ReconstructRequest& req) {
   ReconstructReport report;
   report.checkpoint = trained.dir;
   report.step = trained.step;
+  report.warning = diverged_warning(trained);
   const fs::path out(req.out_dir);
   const std::vector<std::pair<std::string, const Volume*>> volumes = {{"input", &rec.input},
                                                                       {"masked", &rec.masked},
@@ -367,6 +370,7 @@ ReconstructReport run_reconstruction(const ReconstructRequest& req) {
   j["preprocessed_shape"] = rec.input.data.sizes().vec();
   j["spacing_mm"] = rec.input.spacing;
   j["seconds"] = report.seconds;
+  j["checkpoint_diverged"] = !report.warning.empty();
   report.metrics = j;
   const std::string metrics_path = (out / "metrics.json").string();
   {

@@ -32,6 +32,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -47,8 +48,10 @@ namespace mae {
 struct ReconstructOptions {
   std::optional<double> masking_ratio;  ///< share of patches masked per window; nullopt = the checkpoint's
   uint64_t seed = 0;                    ///< seeds the CPU generator that draws the masks, window by window
-  double overlap = 0.25;                ///< share of a window that neighbours overlap, 0 <= overlap < 1
+  double overlap = 0.25;                ///< share of a window that neighbours overlap, 0 .. kMaxOverlap
   int64_t batch_size = 4;               ///< windows per forward pass (speed only; results do not change)
+  /// Called after each batch of windows with (windows done, windows in all); empty = none.
+  std::function<void(int64_t, int64_t)> progress;
 };
 
 /// MSE and PSNR of one comparison with the input.
@@ -122,6 +125,7 @@ struct ReconstructReport {
   nlohmann::json metrics;          ///< the content of metrics.json
   std::vector<std::string> files;  ///< files written
   double seconds = 0.0;            ///< wall time
+  std::string warning;             ///< diverged_warning() of the checkpoint ("" when it did not diverge)
 };
 
 /// Loads the checkpoint, preprocesses the input with the checkpoint's data config, checks the

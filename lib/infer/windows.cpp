@@ -1,6 +1,7 @@
 #include "infer/windows.h"
 
 #include <cmath>
+#include <cstdio>
 #include <string>
 
 #include "core/error.h"
@@ -26,8 +27,10 @@ std::vector<int64_t> axis_origins(int64_t size, int64_t window, double overlap) 
 
 std::vector<std::array<int64_t, 3>> window_origins(const std::array<int64_t, 3>& shape,
                                                    const std::array<int64_t, 3>& window, double overlap) {
-  if (!(overlap >= 0.0 && overlap < 1.0)) {
-    throw ConfigError("window overlap " + std::to_string(overlap) + " must be in [0, 1)");
+  if (!(overlap >= 0.0 && overlap <= kMaxOverlap)) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "window overlap %g must be 0 .. %g", overlap, kMaxOverlap);
+    throw ConfigError(buf);
   }
   static const char* kAxis[3] = {"D", "H", "W"};
   for (int a = 0; a < 3; ++a) {

@@ -218,9 +218,8 @@ TEST_F(Reconstruct, EachVoxelShowsTheWindowWhoseCentreIsNearest) {
                           .contiguous();
     const auto out = net->forward_visible(crop, draw_visible(1, n, r.masking_ratio, gen));
     const auto pred = unpatchify(out.pred.to(at::kFloat), {win, win, win}, {4, 4, 4}, 1)[0];
-    const auto hidden =
-        unpatchify(out.mask.to(at::kFloat).unsqueeze(-1).expand({1, n, 64}).contiguous(), {win, win, win}, {4, 4, 4},
-                   1)[0];
+    const auto hidden = unpatchify(out.mask.to(at::kFloat).unsqueeze(-1).expand({1, n, 64}).contiguous(),
+                                   {win, win, win}, {4, 4, 4}, 1)[0];
     if (!first_mask.defined()) first_mask = out.mask.to(at::kFloat);
     window_mask.push_back(hidden.contiguous());
     window_rec.push_back(at::where(hidden > 0.5, pred, crop[0]).contiguous());
@@ -360,6 +359,20 @@ TEST_F(Reconstruct, BadFlagsAreConfigErrorsNamingTheFlag) {
   req.options.masking_ratio.reset();
   req.options.overlap = 1.0;
   test::expect_error<ConfigError>([&] { run_reconstruction(req); }, {"--overlap"});
+  req.options.overlap = 0.999;  // one window per voxel shift: minutes instead of a second
+  test::expect_error<ConfigError>([&] { run_reconstruction(req); }, {"--overlap 0.999", "0 .. 0.75"});
+}
+
+TEST_F(Reconstruct, ReportsProgressAfterEveryBatchOfWindows) {
+  const TrainedModel model = load_trained_model(run_dir_);
+  Volume volume = test::synthetic_volume(24, 24, 24, 5);
+  ReconstructOptions o;
+  o.overlap = 0.5;  // stride 8 on 24: 2 origins per axis -> 8 windows, 2 batches of 4
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  o.progress = [&](int64_t done, int64_t total) { calls.emplace_back(done, total); };
+  const auto r = reconstruct_volume(model, volume, o);
+  ASSERT_EQ(r.num_windows, 8);
+  EXPECT_EQ(calls, (std::vector<std::pair<int64_t, int64_t>>{{4, 8}, {8, 8}}));
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // window_origins: every voxel covered, windows inside the volume, overlap respected, errors.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -18,7 +19,7 @@ struct WindowCase {
 TEST(WindowOrigins, CoverEveryVoxelInsideTheVolume) {
   const std::vector<WindowCase> cases = {
       {{16, 16, 16}, {16, 16, 16}, 0.0}, {{17, 16, 33}, {16, 16, 16}, 0.25},  {{40, 23, 64}, {16, 8, 16}, 0.5},
-      {{30, 30, 30}, {7, 9, 11}, 0.0},   {{91, 109, 91}, {64, 64, 64}, 0.25}, {{20, 20, 20}, {4, 4, 4}, 0.9},
+      {{30, 30, 30}, {7, 9, 11}, 0.0},   {{91, 109, 91}, {64, 64, 64}, 0.25}, {{20, 20, 20}, {4, 4, 4}, 0.75},
       {{5, 100, 6}, {5, 3, 2}, 0.6},
   };
   for (const auto& c : cases) {
@@ -70,6 +71,17 @@ TEST(WindowOrigins, RefusesASmallVolumeAndABadOverlap) {
   }
   EXPECT_THROW(window_origins({20, 20, 20}, {16, 16, 16}, 1.0), ConfigError);
   EXPECT_THROW(window_origins({20, 20, 20}, {16, 16, 16}, -0.1), ConfigError);
+  EXPECT_THROW(window_origins({20, 20, 20}, {16, 16, 16}, std::nan("")), ConfigError);
+  // Near 1 the stride is one voxel: (size - window + 1)³ windows. The overlap is bounded instead.
+  for (double overlap : {0.76, 0.9, 0.999}) {
+    try {
+      window_origins({64, 64, 64}, {16, 16, 16}, overlap);
+      ADD_FAILURE() << overlap;
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("must be 0 .. 0.75"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(window_origins({64, 64, 64}, {16, 16, 16}, kMaxOverlap).size(), 13u * 13u * 13u);
 }
 
 }  // namespace
