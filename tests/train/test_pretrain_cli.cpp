@@ -12,6 +12,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -205,14 +206,21 @@ TEST_F(PretrainCli, BadConfigsGiveOneLineErrorsAndStatus2) {
 }
 
 // True once `pid` has a handler for `sig` (its SigCgt mask in /proc).
-bool catches(pid_t pid, int sig) {
+// True when `sig` is set in one of the signal masks `fields` ("SigCgt:", "SigBlk:") of /proc/PID/status.
+bool in_signal_mask(pid_t pid, int sig, std::initializer_list<const char*> fields) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
   std::string line;
+  bool set = false;
   while (std::getline(in, line)) {
-    if (line.rfind("SigCgt:", 0) == 0) return (std::stoull(line.substr(7), nullptr, 16) >> (sig - 1)) & 1ULL;
+    for (const char* f : fields) {
+      if (line.rfind(f, 0) == 0) set = set || ((std::stoull(line.substr(7), nullptr, 16) >> (sig - 1)) & 1ULL);
+    }
   }
-  return false;
+  return set;
 }
+
+// True once the program has installed its handler for `sig`.
+bool catches(pid_t pid, int sig) { return in_signal_mask(pid, sig, {"SigCgt:"}); }
 
 TEST_F(PretrainCli, SigintAtStartUpIsAHandledStopWithNothingToResume) {
   const pid_t pid = start({"--config", config()});
@@ -232,17 +240,7 @@ TEST_F(PretrainCli, SigintAtStartUpIsAHandledStopWithNothingToResume) {
 }
 
 // True once `sig` is blocked in `pid` (the launcher's first act) or caught (the program's).
-bool holds_back(pid_t pid, int sig) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  bool held = false;
-  while (std::getline(in, line)) {
-    if (line.rfind("SigBlk:", 0) == 0 || line.rfind("SigCgt:", 0) == 0) {
-      held = held || ((std::stoull(line.substr(7), nullptr, 16) >> (sig - 1)) & 1ULL);
-    }
-  }
-  return held;
-}
+bool holds_back(pid_t pid, int sig) { return in_signal_mask(pid, sig, {"SigBlk:", "SigCgt:"}); }
 
 // While LibTorch and ITK load (a few tenths of a second before any code of the program runs), a
 // Ctrl-C waits instead of killing the process: at once, and at moments through the loading.
