@@ -28,8 +28,7 @@ class InputError : public Error {
  public:
   /// `cause` is the check that refused the input, in a user's words, for summaries that count
   /// refusals by cause ("truncated data", "impossible geometry", ...); "" when not classified.
-  explicit InputError(const std::string& what, std::string cause = "")
-      : Error(what), cause_(std::move(cause)) {}
+  explicit InputError(const std::string& what, std::string cause = "") : Error(what), cause_(std::move(cause)) {}
   int exit_code() const override { return 2; }
   /// The check that refused the input ("" when not classified).
   const std::string& cause() const { return cause_; }

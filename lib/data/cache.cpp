@@ -220,7 +220,8 @@ uint64_t cache_key(const DatasetEntry& entry, const DataConfig& c) {
     }
   }
   s += "|series=" + entry.series_uid + "|tp=" + std::to_string(c.time_point) +
-       "|4ch=" + std::to_string(c.fourth_axis_as_channels) + "|dtol=" + hexf(c.dicom_slice_tolerance) + "|orient=" + c.orientation;
+       "|4ch=" + std::to_string(c.fourth_axis_as_channels) + "|dtol=" + hexf(c.dicom_slice_tolerance) +
+       "|orient=" + c.orientation;
   s += "|spacing=" + (c.spacing_mm
                           ? hexf((*c.spacing_mm)[0]) + "," + hexf((*c.spacing_mm)[1]) + "," + hexf((*c.spacing_mm)[2])
                           : std::string("native"));

@@ -15,9 +15,8 @@ namespace mae::test {
 void TempDirTest::SetUp() {
   io_detail::ensure_itk_setup();  // registers the IO factories the tests write with
   std::random_device rd;
-  dir_ = std::filesystem::temp_directory_path() /
-         ("mae_io_test_" + std::to_string(rd()) + "_" +
-          ::testing::UnitTest::GetInstance()->current_test_info()->name());
+  dir_ = std::filesystem::temp_directory_path() / ("mae_io_test_" + std::to_string(rd()) + "_" +
+                                                   ::testing::UnitTest::GetInstance()->current_test_info()->name());
   std::filesystem::create_directories(dir_);
 }
 
@@ -68,8 +67,8 @@ itk::Image<float, 3>::Pointer make_image(const std::array<double, 9>& direction)
   return image;
 }
 
-void write_dicom_series(const itk::Image<float, 3>* image, const std::string& dir,
-                        const std::string& series_uid, const std::string& description) {
+void write_dicom_series(const itk::Image<float, 3>* image, const std::string& dir, const std::string& series_uid,
+                        const std::string& description) {
   using Slice = itk::Image<int16_t, 3>;
   io_detail::WarningCapture quiet;  // GDCM notes on the headers ITK writes (no PhotometricInterpretation)
   std::filesystem::create_directories(dir);
