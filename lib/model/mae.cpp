@@ -101,8 +101,14 @@ void MaskedAutoencoderOptions::validate() const {
 // ---------------------------------------------------------------------------------------------
 // Transformer block
 
-TransformerBlockImpl::TransformerBlockImpl(int64_t width, int64_t mlp_dim, int64_t heads, double dropout, bool qkv_bias)
-    : width_(width), mlp_dim_(mlp_dim), heads_(heads), dropout_(dropout), qkv_bias_(qkv_bias) {
+TransformerBlockImpl::TransformerBlockImpl(int64_t width, int64_t mlp_dim, int64_t heads, double dropout, bool qkv_bias,
+                                           bool fused_attention)
+    : width_(width),
+      mlp_dim_(mlp_dim),
+      heads_(heads),
+      dropout_(dropout),
+      qkv_bias_(qkv_bias),
+      fused_(fused_attention) {
   reset();
 }
 
@@ -123,10 +129,8 @@ torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x) {
   // Attention: (B, T, E) -> (3, B, heads, T, hd).
   auto qkv_t = qkv(norm_in_weight_dtype(norm1, x)).view({B, T, 3, heads_, hd}).permute({2, 0, 3, 1, 4});
   auto parts = qkv_t.unbind(0);
-  auto att = torch::matmul(parts[0], parts[1].transpose(-2, -1)).mul_(1.0 / std::sqrt(static_cast<double>(hd)));
-  att = torch::softmax(att, -1);
-  if (drop) att = torch::dropout(att, dropout_, true);
-  auto o = out_proj(torch::matmul(att, parts[2]).transpose(1, 2).reshape({B, T, width_}));
+  auto a = attention(parts[0], parts[1], parts[2], drop ? dropout_ : 0.0, fused_);
+  auto o = out_proj(a.transpose(1, 2).reshape({B, T, width_}));
   if (drop) o = torch::dropout(o, dropout_, true);
   auto h = x + o;
   auto m = torch::gelu(linear1(norm_in_weight_dtype(norm2, h)));
@@ -177,7 +181,7 @@ void MaskedAutoencoderImpl::reset() {
   auto blocks = register_module("blocks", torch::nn::ModuleList());
   blocks_.clear();
   for (int64_t i = 0; i < o.num_layers(); ++i) {
-    blocks_.emplace_back(E, o.mlp_dim(), o.num_heads(), o.dropout_rate(), o.qkv_bias());
+    blocks_.emplace_back(E, o.mlp_dim(), o.num_heads(), o.dropout_rate(), o.qkv_bias(), o.fused_attention());
     blocks->push_back(blocks_.back());
   }
   norm_ = torch::nn::LayerNorm(torch::nn::LayerNormOptions({E}).eps(1e-5));
@@ -190,7 +194,8 @@ void MaskedAutoencoderImpl::reset() {
   auto dblocks = register_module("decoder_blocks", torch::nn::ModuleList());
   decoder_blocks_.clear();
   for (int64_t i = 0; i < o.decoder_num_layers(); ++i) {
-    decoder_blocks_.emplace_back(Ed, o.decoder_mlp_dim(), o.decoder_num_heads(), o.dropout_rate(), o.qkv_bias());
+    decoder_blocks_.emplace_back(Ed, o.decoder_mlp_dim(), o.decoder_num_heads(), o.dropout_rate(), o.qkv_bias(),
+                                 o.fused_attention());
     dblocks->push_back(decoder_blocks_.back());
   }
   decoder_norm_ = torch::nn::LayerNorm(torch::nn::LayerNormOptions({Ed}).eps(1e-5));

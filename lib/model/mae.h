@@ -52,14 +52,19 @@ struct MaskedAutoencoderOptions {
   TORCH_ARG(std::string, decoder_pos_embed_type) = "sincos";  ///< decoder positions: same choices
   TORCH_ARG(double, dropout_rate) = 0.0;                      ///< dropout in [0, 1]
   TORCH_ARG(bool, qkv_bias) = false;                          ///< bias on the fused qkv projection
+  /// Attention through at::scaled_dot_product_attention where LibTorch has it (2.x); false, or
+  /// LibTorch 1.13: explicit softmax(q k^T / sqrt(d)) v. Same function; not a saved option.
+  TORCH_ARG(bool, fused_attention) = true;
 };
 
 /// Pre-norm transformer block, names as MONAI's TransformerBlock: norm1, attn.qkv, attn.out_proj,
 /// norm2, mlp.linear1, mlp.linear2.
 class TransformerBlockImpl : public torch::nn::Module {
  public:
-  /// width: token width; mlp_dim: hidden MLP width; heads divides width.
-  TransformerBlockImpl(int64_t width, int64_t mlp_dim, int64_t heads, double dropout, bool qkv_bias);
+  /// width: token width; mlp_dim: hidden MLP width; heads divides width; fused_attention: see
+  /// MaskedAutoencoderOptions::fused_attention.
+  TransformerBlockImpl(int64_t width, int64_t mlp_dim, int64_t heads, double dropout, bool qkv_bias,
+                       bool fused_attention = true);
   /// Registers the submodules.
   void reset();
   /// x: (B, T, width) -> (B, T, width).
@@ -72,7 +77,7 @@ class TransformerBlockImpl : public torch::nn::Module {
  private:
   int64_t width_, mlp_dim_, heads_;
   double dropout_;
-  bool qkv_bias_;
+  bool qkv_bias_, fused_;
 };
 TORCH_MODULE(TransformerBlock);
 

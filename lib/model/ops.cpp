@@ -6,6 +6,7 @@
 #include <numeric>
 #include <string>
 
+#include "core/compat.h"
 #include "core/error.h"
 
 namespace mae {
@@ -135,6 +136,14 @@ at::Tensor draw_visible(int64_t batch, int64_t n, double masking_ratio, std::opt
 at::Tensor mask_from_visible(const at::Tensor& visible, int64_t n) {
   auto mask = at::ones({visible.size(0), n}, visible.options().dtype(at::kFloat));
   return mask.scatter_(1, visible, 0.0);
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p, bool fused) {
+  if (fused && compat::kHasFusedAttention) return compat::fused_attention(q, k, v, dropout_p);
+  auto att = at::matmul(q, k.transpose(-2, -1)).mul_(1.0 / std::sqrt(static_cast<double>(q.size(-1))));
+  att = at::softmax(att, -1);
+  if (dropout_p > 0.0) att = at::dropout(att, dropout_p, /*train=*/true);
+  return at::matmul(att, v);
 }
 
 at::Tensor masked_mse_loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask, bool norm_pix) {

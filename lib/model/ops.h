@@ -47,6 +47,12 @@ at::Tensor draw_visible(int64_t batch, int64_t n, double masking_ratio, std::opt
 /// Mask (B, N) with 1 = masked, 0 = visible, from the visible indices (B, keep).
 at::Tensor mask_from_visible(const at::Tensor& visible, int64_t n);
 
+/// Multi-head softmax attention softmax(q k^T / sqrt(d)) v for q, k, v (B, heads, T, d), with dropout
+/// dropout_p on the attention weights (0 in evaluation). fused: LibTorch's
+/// at::scaled_dot_product_attention where this LibTorch has it (2.x), else the explicit matmul-softmax
+/// path (always used on 1.13). Both compute the same function within float rounding.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p, bool fused);
+
 /// Mean squared error per patch, averaged over masked patches only.
 /// pred, target: (B, N, P); mask: (B, N), 1 = masked. With norm_pix, each target patch is first
 /// normalised by its own mean and (unbiased) variance + 1e-6, as in the MAE paper.

@@ -8,6 +8,7 @@
 #include <map>
 #include <string>
 
+#include "core/compat.h"
 #include "core/error.h"
 #include "model/flops.h"
 #include "model/mae.h"
@@ -388,6 +389,41 @@ TEST_F(Model, FlopCountMatchesHandCount) {
       2.0 * 54 * 4096 * 768 + 12 * enc_block + 2.0 * 55 * 768 * 384 + 4 * dec_block + 2.0 * 216 * 384 * 4096;
   EXPECT_NEAR(mae::forward_flops(a, 1), want, want * 1e-12);
   EXPECT_NEAR(mae::forward_flops(a, 2), 2 * want, want * 1e-12);
+}
+
+// --- fused attention (LibTorch 2.x) -----------------------------------------------------------------
+
+TEST_F(Model, FusedAttentionEqualsExplicitSoftmaxPath) {
+  if (!mae::compat::kHasFusedAttention) GTEST_SKIP() << "LibTorch " TORCH_VERSION " has no scaled_dot_product_attention";
+  // The kernel alone, with more tokens than one SIMD block and a head width that is not a power of two.
+  auto q = torch::randn({2, 3, 37, 12}), k = torch::randn({2, 3, 37, 12}), v = torch::randn({2, 3, 37, 12});
+  auto fused = mae::attention(q, k, v, 0.0, /*fused=*/true);
+  auto plain = mae::attention(q, k, v, 0.0, /*fused=*/false);
+  EXPECT_LT((fused - plain).abs().max().item<double>(), 1e-5);
+
+  // The whole model, forward and backward, on the same weights and the same visible patches.
+  torch::manual_seed(3);
+  mae::MaskedAutoencoder a(small3d().fused_attention(true));
+  mae::MaskedAutoencoder b(small3d().fused_attention(false));
+  {
+    torch::NoGradGuard no_grad;
+    auto pa = a->named_parameters(), pb = b->named_parameters();
+    for (const auto& item : pa) pb[item.key()].copy_(item.value());
+  }
+  auto x = torch::randn({2, 1, 16, 16, 16});
+  auto gen = at::detail::createCPUGenerator(7);
+  auto visible = mae::draw_visible(2, 64, 0.75, gen);
+  auto oa = a->forward_visible(x, visible), ob = b->forward_visible(x, visible);
+  EXPECT_LT((oa.pred - ob.pred).abs().max().item<double>(), 1e-5);
+  mae::masked_mse_loss(oa.pred, a->target(x), oa.mask).backward();
+  mae::masked_mse_loss(ob.pred, b->target(x), ob.mask).backward();
+  auto gb = b->named_parameters();
+  for (const auto& item : a->named_parameters()) {
+    const auto& ga = item.value().grad();
+    ASSERT_TRUE(ga.defined()) << item.key();
+    EXPECT_LT((ga - gb[item.key()].grad()).abs().max().item<double>(), 1e-5 * (1.0 + ga.abs().max().item<double>()))
+        << item.key();
+  }
 }
 
 }  // namespace
