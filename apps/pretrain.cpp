@@ -1,5 +1,6 @@
 // mae-pretrain: masked-autoencoder pretraining from a JSON config. Thin: parse the command line,
-// load the config, call mae::train.
+// load the config, call mae::train (with mae-reconstruct's montage as TensorBoard's validation
+// picture when the infer area is built).
 #include <csignal>
 #include <iostream>
 
@@ -8,7 +9,76 @@
 #include "train/config.h"
 #include "train/trainer.h"
 
+#ifdef MAE3D_VALIDATION_MONTAGE
+#include <ATen/ATen.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+
+#include "infer/montage.h"
+#include "infer/reconstruct.h"
+#include "train/trained_model.h"
+#endif
+
 namespace {
+
+#ifdef MAE3D_VALIDATION_MONTAGE
+// reconstruct_volume runs on the CPU. A model on another device is copied into a new CPU model;
+// building it draws initial weights from the global CPU generator, whose state is put back so that
+// training's random streams (and so exact resume) are untouched.
+mae::MaskedAutoencoder cpu_model(const mae::MaskedAutoencoder& model) {
+  if (model->parameters().front().device().is_cpu()) return model;
+  auto gen = at::detail::getDefaultCPUGenerator();
+  at::Tensor state;
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    state = gen.get_state();
+  }
+  mae::MaskedAutoencoder copy(model->options());
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(state);
+  }
+  torch::NoGradGuard no_grad;
+  const auto params = model->named_parameters();
+  for (auto& p : copy->named_parameters()) p.value().copy_(params[p.key()]);
+  const auto buffers = model->named_buffers();
+  for (auto& b : copy->named_buffers()) b.value().copy_(buffers[b.key()]);
+  copy->eval();
+  return copy;
+}
+
+// TensorBoard's validation picture: mae-reconstruct's montage (middle axial, coronal and sagittal
+// slices: original, masked input, reconstruction, error) of the one-window volume `window`, its
+// masks drawn from the config's seed, so every validation shows the same patches hidden.
+std::optional<at::Tensor> validation_montage(const mae::Config& config, const mae::MaskedAutoencoder& model,
+                                             const mae::Volume& window, const std::string& name, int64_t step) {
+  mae::TrainedModel trained;
+  trained.step = step;
+  trained.config = config;
+  trained.model = cpu_model(model);
+  mae::ReconstructOptions ro;
+  ro.seed = config.seed;
+  ro.overlap = 0.0;
+  ro.batch_size = 1;
+  const mae::Reconstruction rec = mae::reconstruct_volume(trained, window, ro);
+  char psnr[160];
+  std::snprintf(psnr, sizeof psnr, "psnr over masked voxels: model %.2f db, window-mean baseline %.2f db",
+                rec.metrics.model_masked.psnr, rec.metrics.baseline_masked.psnr);
+  mae::MontageInputs mi;
+  mi.input = &rec.input;
+  mi.reconstruction = rec.reconstruction.data;
+  mi.mask = rec.mask.data;
+  mi.slices = mae::resolve_slices(rec.input, {});
+  mi.title = {"step " + std::to_string(step) + ": " + std::filesystem::path(name).filename().string() +
+              ", centre window, " + std::to_string(static_cast<int>(std::lround(rec.masking_ratio * 100))) +
+              "% of patches masked, seed " + std::to_string(config.seed)};
+  mi.footer = {psnr};
+  return mae::render_montage(mi);
+}
+#endif
 
 // Runs from the executable's .preinit_array: before any shared library's initialisers (LibTorch's
 // and ITK's static set-up take about half a second), so a Ctrl-C at any moment of start-up is a
@@ -60,6 +130,12 @@ int main(int argc, char** argv) {
     options.resume_from = resume_path;
     options.dry_run = dry_run;
     options.check_data_only = check_data;
+#ifdef MAE3D_VALIDATION_MONTAGE
+    options.validation_image = [&config](const mae::MaskedAutoencoder& model, const mae::Volume& window,
+                                         const std::string& name, int64_t step) {
+      return validation_montage(config, model, window, name, step);
+    };
+#endif
     const auto result = mae::train(config, options);
     if (result.before_training) {
       if (result.resumed_from.empty() && !options.resume) {

@@ -224,6 +224,7 @@ Config config_from_json(const nlohmann::json& tree) {
   {
     auto out = r.child("output");
     out.read("dir", c.output.dir);
+    out.read("tensorboard", c.output.tensorboard);
     out.finish();
     if (c.output.dir.empty()) throw ConfigError("\"output.dir\" is empty; name the run folder");
   }
@@ -289,7 +290,7 @@ nlohmann::json config_to_json(const Config& c) {
                 {"val_every", t.val_every},
                 {"on_nonfinite", t.on_nonfinite},
                 {"max_nonfinite", t.max_nonfinite}};
-  j["output"] = {{"dir", c.output.dir}};
+  j["output"] = {{"dir", c.output.dir}, {"tensorboard", c.output.tensorboard}};
   return j;
 }
 

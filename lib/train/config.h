@@ -65,6 +65,7 @@ struct TrainConfig {
 /// The `output` section.
 struct OutputConfig {
   std::string dir = "runs/mae";  ///< run folder: config, log, metrics, checkpoints
+  bool tensorboard = true;       ///< also write TensorBoard event files (scalars, validation montage) there
 };
 
 /// The whole run configuration.

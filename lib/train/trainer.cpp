@@ -1,6 +1,5 @@
 #include "train/trainer.h"
 
-#include <ATen/autocast_mode.h>
 #include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -17,17 +16,21 @@
 #include <fstream>
 #include <iostream>
 
+#include "core/compat.h"
 #include "core/error.h"
 #include "core/threads.h"
+#include "data/cache.h"
 #include "data/check.h"
 #include "data/dataset.h"
 #include "data/loader.h"
+#include "data/transforms.h"
 #include "model/ops.h"
 #include "train/adamw.h"
 #include "train/checkpoint.h"
 #include "train/memory.h"
 #include "train/progress.h"
 #include "train/schedule.h"
+#include "train/tensorboard.h"
 
 namespace fs = std::filesystem;
 
@@ -66,34 +69,6 @@ torch::Device resolve_device(const std::string& name) {
   }
   return d;
 }
-
-// bfloat16 autocast for one forward pass, on the device's autocast path.
-class AutocastScope {
- public:
-  AutocastScope(bool enabled, const torch::Device& device) : enabled_(enabled), cuda_(device.is_cuda()) {
-    if (!enabled_) return;
-    if (cuda_) {
-      at::autocast::set_enabled(true);
-      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
-    } else {
-      at::autocast::set_cpu_enabled(true);
-      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-    }
-    at::autocast::increment_nesting();
-  }
-  ~AutocastScope() {
-    if (!enabled_) return;
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    if (cuda_) {
-      at::autocast::set_enabled(false);
-    } else {
-      at::autocast::set_cpu_enabled(false);
-    }
-  }
-
- private:
-  bool enabled_, cuda_;
-};
 
 at::Tensor generator_state(at::Generator& gen) {
   std::lock_guard<std::mutex> lock(gen.mutex());
@@ -209,7 +184,7 @@ double validate(MaskedAutoencoder& model, const RunData& data, const Config& con
   for (int64_t b = 0; b < loader.batches_per_epoch(); ++b) {
     auto batch = loader.next();
     auto x = batch.images.to(device);
-    AutocastScope autocast(bf16, device);
+    compat::AutocastScope autocast(bf16, device.type());
     auto out = model->forward(x, std::nullopt, gen);
     auto loss = masked_mse_loss(out.pred.to(torch::kFloat), model->target(x), out.mask, config.model.norm_pix_loss);
     sum += loss.item<double>() * static_cast<double>(x.size(0));
@@ -217,6 +192,28 @@ double validate(MaskedAutoencoder& model, const RunData& data, const Config& con
   }
   model->train();
   return count > 0 ? sum / static_cast<double>(count) : std::nan("");
+}
+
+// The window TensorBoard's validation picture shows: the centre crop of model.img_size of `entry`
+// (padded as the loader pads a small volume), its origin moved so every voxel keeps its position.
+Volume validation_window(const DatasetEntry& entry, const DataConfig& data, const Config& config) {
+  Volume v = VolumeCache(data).load(entry).volume;
+  const auto shape = v.shape_dhw();
+  const Dhw crop{config.model.img_size[0], config.model.img_size[1], config.model.img_size[2]};
+  at::Tensor x = pad_to_size(v.data, crop, pad_value(data.intensity));
+  std::array<int64_t, 3> offset{};  // (D, H, W) index of the window's first voxel in the volume
+  for (int a = 0; a < 3; ++a) {
+    const int64_t before = std::max<int64_t>(0, crop[a] - shape[a]) / 2;
+    const int64_t start = (x.size(a + 1) - crop[a]) / 2;
+    x = x.narrow(a + 1, start, crop[a]);
+    offset[a] = start - before;
+  }
+  v.data = x.contiguous();
+  const std::array<double, 3> index_xyz{static_cast<double>(offset[2]), static_cast<double>(offset[1]),
+                                        static_cast<double>(offset[0])};
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) v.origin[i] += v.direction[i * 3 + j] * v.spacing[j] * index_xyz[j];
+  return v;
 }
 
 }  // namespace
@@ -462,6 +459,22 @@ TrainResult train(const Config& config, const TrainOptions& options) {
   }
   std::ofstream metrics(metrics_path, std::ios::app);
   if (!metrics) throw IoError(metrics_path.string() + ": cannot open for writing");
+  // TensorBoard: existing event files are cut back to this start's step like metrics.jsonl (also
+  // with output.tensorboard off, so the folder's curves never disagree), then a new file is begun.
+  const auto cut = truncate_events(run_dir.string(), step);
+  if (cut.records_removed > 0 || !cut.files_removed.empty()) {
+    spdlog::info("TensorBoard event files: {} record(s) after step {} removed, {} file(s) without data deleted",
+                 cut.records_removed, step, cut.files_removed.size());
+  }
+  std::optional<EventWriter> events;
+  std::optional<Volume> val_window;
+  if (config.output.tensorboard) {
+    events.emplace(run_dir.string(), step + 1);
+    spdlog::info("TensorBoard events: {}", events->path());
+    if (options.validation_image && !data.val.empty()) {
+      val_window = validation_window(data.val.front(), data.config, config);
+    }
+  }
 
   auto trainer_state = [&](const LoaderPosition& pos) {
     TrainerState t;
@@ -490,6 +503,7 @@ TrainResult train(const Config& config, const TrainOptions& options) {
     info.diverged = diverged;
     info.diverged_reason = reason;
     info.val_loss = val_loss;
+    if (events) events->sync();  // the curves up to this checkpoint are on disk with it
     auto global = at::detail::getDefaultCPUGenerator();
     std::map<std::string, at::Tensor> rng{{"mask", generator_state(mask_gen)}, {"global_cpu", generator_state(global)}};
     if (device.is_cuda()) {
@@ -547,7 +561,7 @@ TrainResult train(const Config& config, const TrainOptions& options) {
       samples += x.size(0);
       torch::Tensor loss;
       {
-        AutocastScope autocast(bf16, device);
+        compat::AutocastScope autocast(bf16, device.type());
         auto out = model->forward(x, std::nullopt, mask_gen);
         loss = masked_mse_loss(out.pred.to(torch::kFloat), model->target(x), out.mask, config.model.norm_pix_loss);
       }
@@ -618,12 +632,26 @@ TrainResult train(const Config& config, const TrainOptions& options) {
                             {"lr", lr},
                             {"samples_per_s", static_cast<double>(samples) / step_s},
                             {"data_wait_s", data_wait},
+                            {"data_wait_share", data_wait / step_s},
                             {"step_s", step_s}};
       rec["grad_norm"] = std::isfinite(grad_norm) ? nlohmann::json(grad_norm) : nlohmann::json();
       rec["val_loss"] = val_loss ? nlohmann::json(*val_loss) : nlohmann::json();
       metrics << rec.dump() << "\n";
       metrics.flush();
       if (!metrics) throw IoError(metrics_path.string() + ": cannot write (disk full?)");
+      if (events) events->write_scalars(step, record_scalars(rec));
+    }
+    if (val_loss && val_window) {
+      std::optional<at::Tensor> image;
+      try {
+        torch::NoGradGuard no_grad;
+        model->eval();
+        image = options.validation_image(model, *val_window, data.val.front().name(), step);
+      } catch (const std::exception& e) {  // a picture is not worth the run
+        spdlog::warn("step {}: no TensorBoard validation picture: {}", step, e.what());
+      }
+      model->train();
+      if (image) events->write_image(step, "val/reconstruction", *image);
     }
     if (step % config.train.checkpoint_every == 0 || step == total) {
       progress.pause();

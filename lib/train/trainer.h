@@ -3,9 +3,13 @@
 // checkpoints and exact resume.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <functional>
+#include <optional>
 #include <string>
 
+#include "io/volume.h"
 #include "train/config.h"
 
 namespace mae {
@@ -18,6 +22,18 @@ struct TrainOptions {
   bool dry_run = false;          ///< validate config and data, build the model, then stop
   /// Called after every optimizer step with (step, loss); tests use it to stop a run at a step.
   std::function<void(int64_t, double)> on_step;
+  /// With output.tensorboard and validation volumes: called at every validation with (model, window,
+  /// volume name, step), where window is the centre crop of model.img_size of the first validation
+  /// volume (preprocessed, rounded and padded as the loader does; origin moved with the crop); the
+  /// picture it returns, uint8 (H, W, 3) RGB or (H, W) grey, goes into the event file as the image
+  /// "val/reconstruction". The model is in eval mode (the trainer puts it back in train mode after);
+  /// the callback must not draw from the global random generators (dropout draws from them), so that
+  /// the losses do not depend on output.tensorboard, which may change on a resume. An exception it
+  /// throws is logged as a warning and the run goes on. mae-pretrain sets it to the
+  /// mae-reconstruct montage of the window (lib/infer, which lib/train cannot depend on).
+  std::function<std::optional<at::Tensor>(const MaskedAutoencoder& model, const Volume& window, const std::string& name,
+                                          int64_t step)>
+      validation_image;
 };
 
 /// How a run ended.
@@ -40,7 +56,9 @@ struct TrainResult {
 /// run's own checkpoint deletes the checkpoints after it only once its first new checkpoint is
 /// written; resuming another run's checkpoint into a folder that holds a run is refused. The memory
 /// a step needs is estimated before the model is built and refused (ConfigError) when it exceeds
-/// the machine's memory.
+/// the machine's memory. With output.tensorboard the run also writes a TensorBoard event file per
+/// start (train/tensorboard.h): the scalars of every metrics.jsonl record at its step and, with
+/// TrainOptions::validation_image, a picture at every validation.
 TrainResult train(const Config& config, const TrainOptions& options);
 
 /// Asks a running train() to stop after the current step and write a checkpoint. Safe to call from
