@@ -16,8 +16,8 @@ int main(int argc, char** argv) {
       "mae-export: export a pretrained mae3d encoder for MONAI (ViT, UNETR, MaskedAutoEncoderViT), "
       "or encode a volume with it"};
   app.name("mae-export");
-  std::string checkpoint, out, format, features, axis_order = "monai";
-  bool cross_attention_keys = true, allow_diverged = false;
+  std::string checkpoint, out, format, features, axis_order = "monai", cross_attention_keys = "true";
+  bool allow_diverged = false;
   double overlap = 0.25;
   mae::CommonFlags common;
   app.add_option("--checkpoint", checkpoint, "checkpoint folder, or a run folder (its latest checkpoint)")->required();
@@ -25,8 +25,8 @@ int main(int argc, char** argv) {
   auto* format_opt =
       app.add_option("--format", format, "monai-vit | monai-unetr | monai-mae: the MONAI network to load into");
   auto* cross_opt = app.add_option("--cross-attention-keys", cross_attention_keys,
-                                   "true|false: add the unused cross-attention keys MONAI >= 1.4 expects "
-                                   "(default true)");
+                                   "true|norm|false: the unused cross-attention keys of MONAI 1.4 - 1.5 "
+                                   "(true, the default), MONAI >= 1.6 (norm) or none (false, MONAI 1.3)");
   app.add_option("--axis-order", axis_order,
                  "monai|native: weights and features for MONAI's (C, i, j, k) arrays (default monai), or in "
                  "mae3d's (C, D, H, W) order as trained");
@@ -57,7 +57,7 @@ int main(int argc, char** argv) {
     }
     mae::ExportOptions options;
     options.format = mae::parse_export_format(format);
-    options.cross_attention_keys = cross_attention_keys;
+    options.set_cross_attention(mae::parse_cross_attention_keys(cross_attention_keys));
     options.axis_order = order;
     options.allow_diverged = allow_diverged;
     const auto r = mae::export_checkpoint(checkpoint, out, options);

@@ -49,11 +49,14 @@ std::string py_float(double x) {
 
 std::string py_str(const std::string& s) { return nlohmann::json(s).dump(); }
 
-// Adds MONAI >= 1.4's unused cross-attention layers of one block of width `width`.
-void add_cross_attention(NamedTensors& out, const std::string& prefix, int64_t width, bool qkv_bias) {
+// Adds MONAI's unused cross-attention layers of one block of width `width` (nothing for none).
+void add_cross_attention(NamedTensors& out, const std::string& prefix, int64_t width, bool qkv_bias,
+                         CrossAttentionKeys keys) {
+  if (keys == CrossAttentionKeys::none) return;
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   out.emplace_back(prefix + "norm_cross_attn.weight", at::ones({width}, opts));
   out.emplace_back(prefix + "norm_cross_attn.bias", at::zeros({width}, opts));
+  if (keys == CrossAttentionKeys::norm) return;
   out.emplace_back(prefix + "cross_attn.out_proj.weight", at::zeros({width, width}, opts));
   out.emplace_back(prefix + "cross_attn.out_proj.bias", at::zeros({width}, opts));
   for (const char* name : {"to_q", "to_k", "to_v"}) {
@@ -74,21 +77,41 @@ const char* network_name(ExportFormat format) {
   return "?";
 }
 
-std::string load_snippet(ExportFormat format, const MaskedAutoencoderOptions& o, bool cross, AxisOrder axis_order,
-                         const std::string& path) {
+// The MONAI releases whose TransformerBlock holds exactly `keys`' cross-attention layers.
+const char* exact_versions(CrossAttentionKeys keys) {
+  switch (keys) {
+    case CrossAttentionKeys::none:
+      return "1.3";
+    case CrossAttentionKeys::full:
+      return "1.4 - 1.5";
+    case CrossAttentionKeys::norm:
+      return ">= 1.6";
+  }
+  return "?";
+}
+
+std::string load_snippet(ExportFormat format, const MaskedAutoencoderOptions& o, CrossAttentionKeys keys,
+                         AxisOrder axis_order, const std::string& path) {
+  const bool cross = keys != CrossAttentionKeys::none;
   std::ostringstream s;
   s << "import torch\n"
     << "from monai.networks.nets import " << network_name(format) << "\n\n";
   if (format == ExportFormat::monai_unetr) s << "num_classes = 2  # your number of output classes\n";
   s << "net = " << monai_constructor(o, format, axis_order) << "\n"
     << "sd = torch.load(" << py_str(path) << ", map_location=\"cpu\")\n";
+  if (cross) {
+    s << "# Unused cross-attention layers differ by MONAI release (this file has MONAI " << exact_versions(keys)
+      << "'s):\n# drop those this MONAI does not build.\n"
+      << "own = net.state_dict()\n"
+      << "sd = {k: v for k, v in sd.items() if k in own or \"cross_attn\" not in k}\n";
+  }
   if (format == ExportFormat::monai_unetr) {
     s << "missing, unexpected = net.load_state_dict(sd, strict=False)  # only vit.* is pretrained\n"
       << "assert not unexpected, unexpected\n"
       << "assert not [k for k in missing if k.startswith(\"vit.\")" << (cross ? "" : " and \"cross_attn\" not in k")
       << "], missing\n";
   } else if (cross) {
-    s << "net.load_state_dict(sd, strict=True)  # MONAI >= 1.4; on 1.3 drop the cross_attn keys first\n";
+    s << "net.load_state_dict(sd, strict=True)\n";
   } else {
     s << "missing, unexpected = net.load_state_dict(sd, strict=False)  # MONAI >= 1.4 also has unused cross_attn "
          "layers\n"
@@ -108,6 +131,36 @@ std::string load_snippet(ExportFormat format, const MaskedAutoencoderOptions& o,
 }
 
 }  // namespace
+
+const char* to_string(CrossAttentionKeys keys) {
+  switch (keys) {
+    case CrossAttentionKeys::none:
+      return "false";
+    case CrossAttentionKeys::full:
+      return "true";
+    case CrossAttentionKeys::norm:
+      return "norm";
+  }
+  return "?";
+}
+
+CrossAttentionKeys parse_cross_attention_keys(const std::string& value) {
+  for (auto k : {CrossAttentionKeys::full, CrossAttentionKeys::none, CrossAttentionKeys::norm}) {
+    if (value == to_string(k)) return k;
+  }
+  throw ConfigError("--cross-attention-keys \"" + value +
+                    "\" is not known; choose true (MONAI 1.4 - 1.5), norm (MONAI >= 1.6) or false (MONAI 1.3)");
+}
+
+CrossAttentionKeys ExportOptions::cross_attention() const {
+  if (!cross_attention_keys) return CrossAttentionKeys::none;
+  return cross_attention_linears ? CrossAttentionKeys::full : CrossAttentionKeys::norm;
+}
+
+void ExportOptions::set_cross_attention(CrossAttentionKeys keys) {
+  cross_attention_keys = keys != CrossAttentionKeys::none;
+  cross_attention_linears = keys == CrossAttentionKeys::full;
+}
 
 const char* to_string(ExportFormat format) {
   switch (format) {
@@ -151,7 +204,7 @@ NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions&
   const ExportFormat format = export_options.format;
   if (format == ExportFormat::monai_unetr) check_unetr_compatible(o);
   const bool full = format == ExportFormat::monai_mae;
-  const bool cross = export_options.cross_attention_keys;
+  const CrossAttentionKeys cross = export_options.cross_attention();
   const std::string prefix = format == ExportFormat::monai_unetr ? "vit." : "";
   const bool monai_axes = export_options.axis_order == AxisOrder::monai;
   const int64_t C = o.in_channels();
@@ -186,7 +239,7 @@ NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions&
     return reverse_raster(t.reshape({1, P, -1}), o.patch_size()).view(t.sizes());
   };
   // MONAI's TransformerBlock state_dict order: mlp, norm1, attn (out_proj before qkv), norm2,
-  // norm_cross_attn, cross_attn.
+  // norm_cross_attn, cross_attn (out_proj, to_q, to_k, to_v).
   auto block = [&](const std::string& from, const std::string& to, int64_t width) {
     for (const char* name :
          {"mlp.linear1.weight", "mlp.linear1.bias", "mlp.linear2.weight", "mlp.linear2.bias", "norm1.weight",
@@ -196,7 +249,7 @@ NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions&
     if (o.qkv_bias()) take(from + "attn.qkv.bias", to + "attn.qkv.bias");
     take(from + "norm2.weight", to + "norm2.weight");
     take(from + "norm2.bias", to + "norm2.bias");
-    if (cross) add_cross_attention(out, to, width, o.qkv_bias());
+    add_cross_attention(out, to, width, o.qkv_bias(), cross);
   };
 
   // MaskedAutoEncoderViT's own parameters come first in its state_dict.
@@ -214,8 +267,11 @@ NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions&
   for (int64_t i = 0; i < L; ++i) {
     block("blocks." + std::to_string(i) + ".", prefix + "blocks." + std::to_string(i) + ".", o.hidden_size());
   }
-  take("blocks." + std::to_string(L) + ".weight", prefix + "norm.weight");
-  take("blocks." + std::to_string(L) + ".bias", prefix + "norm.bias");
+  // ViT keeps its final LayerNorm as `norm`; MaskedAutoEncoderViT as the last entry of its
+  // nn.Sequential `blocks`, where mae3d keeps it too.
+  const std::string norm = full ? "blocks." + std::to_string(L) + "." : prefix + "norm.";
+  take("blocks." + std::to_string(L) + ".weight", norm + "weight");
+  take("blocks." + std::to_string(L) + ".bias", norm + "bias");
   if (full) {
     take("decoder_embed.weight", "decoder_embed.weight");
     take("decoder_embed.bias", "decoder_embed.bias");
@@ -224,8 +280,8 @@ NamedTensors monai_state_dict(MaskedAutoencoderImpl& model, const ExportOptions&
       block("decoder_blocks." + std::to_string(j) + ".", "decoder_blocks." + std::to_string(j) + ".",
             o.decoder_hidden_size());
     }
-    take("decoder_blocks." + std::to_string(Ld) + ".weight", "decoder_norm.weight");
-    take("decoder_blocks." + std::to_string(Ld) + ".bias", "decoder_norm.bias");
+    take("decoder_blocks." + std::to_string(Ld) + ".weight", "decoder_blocks." + std::to_string(Ld) + ".weight");
+    take("decoder_blocks." + std::to_string(Ld) + ".bias", "decoder_blocks." + std::to_string(Ld) + ".bias");
     take("decoder_pred.weight", "decoder_pred.weight", voxel_rows);
     take("decoder_pred.bias", "decoder_pred.bias", voxel_rows);
   }
@@ -358,7 +414,8 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
                                   const NamedTensors& tensors, const std::string& pt_path) {
   const auto o = trained.model->options();
   const ExportFormat format = export_options.format;
-  const bool cross = export_options.cross_attention_keys;
+  const CrossAttentionKeys keys = export_options.cross_attention();
+  const bool cross = keys != CrossAttentionKeys::none;
   const AxisOrder axis_order = export_options.axis_order;
   const std::string abs_path = fs::absolute(pt_path).lexically_normal().string();
   nlohmann::json j;
@@ -409,10 +466,11 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
 
   nlohmann::json m;
   m["network"] = std::string("monai.networks.nets.") + network_name(format);
-  m["min_version"] = cross ? "1.4" : "1.3";
+  m["min_version"] = keys == CrossAttentionKeys::none ? "1.3" : keys == CrossAttentionKeys::full ? "1.4" : "1.6";
+  m["exact_versions"] = exact_versions(keys);
   m["constructor"] = monai_constructor(o, format, axis_order);
   m["strict"] = format != ExportFormat::monai_unetr && cross;
-  m["load"] = load_snippet(format, o, cross, axis_order, abs_path);
+  m["load"] = load_snippet(format, o, keys, axis_order, abs_path);
   j["monai"] = m;
 
   std::vector<std::string> notes;
@@ -439,9 +497,10 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
     notes.push_back("cls_token, mask_tokens and the decoder are not exported; blocks." +
                     std::to_string(o.num_layers()) + " (the encoder's final LayerNorm) is exported as norm.");
   } else {
-    notes.push_back("The encoder's and decoder's final LayerNorms (mae3d blocks." + std::to_string(o.num_layers()) +
-                    ", decoder_blocks." + std::to_string(o.decoder_num_layers()) +
-                    ") are exported as norm and decoder_norm, MaskedAutoEncoderViT's names.");
+    notes.push_back("The encoder's and decoder's final LayerNorms keep their names blocks." +
+                    std::to_string(o.num_layers()) + " and decoder_blocks." + std::to_string(o.decoder_num_layers()) +
+                    ": MaskedAutoEncoderViT holds them as the last entries of its nn.Sequential blocks and "
+                    "decoder_blocks, as mae3d does.");
     notes.push_back(axis_order == AxisOrder::monai
                         ? "decoder_pred predicts, per token of the (i, j, k) raster, the patch voxels in (p1 p2 p3 c) "
                           "order over the (i, j, k) axes: Rearrange(\"b c (h p1) (w p2) (d p3) -> b (h w d) (p1 p2 p3 "
@@ -450,17 +509,37 @@ nlohmann::json export_description(const TrainedModel& trained, const ExportOptio
                         : "decoder_pred predicts, per token of the (D, H, W) raster, the patch voxels in (p1 p2 p3 c) "
                           "order over mae3d's (D, H, W) axes.");
   }
-  j["cross_attention_keys"] = {
-      {"included", cross},
-      {"note",
-       cross ? "MONAI >= 1.4 builds an unused cross-attention layer in every TransformerBlock "
-               "(with_cross_attention=False), so strict loading expects norm_cross_attn.* and cross_attn.{out_proj,"
-               "to_q,to_k,to_v}.*; they are written as a fresh LayerNorm (weight 1, bias 0) and zero Linear "
-               "weights/biases (to_q/to_k/to_v biases only with qkv_bias). The forward pass never uses them. If you "
-               "enable cross-attention, re-initialise them: an all-zero branch gets no gradient. MONAI 1.3 has no such "
-               "layers: export with --cross-attention-keys false there."
-             : "Not included: loads strictly into MONAI 1.3; on MONAI >= 1.4 load with strict=False (only "
-               "cross_attn/norm_cross_attn keys are then missing, and unused)."}};
+  std::string cross_note;
+  switch (keys) {
+    case CrossAttentionKeys::full:
+      cross_note =
+          "MONAI 1.4 - 1.5 build an unused cross-attention layer in every TransformerBlock "
+          "(with_cross_attention=False), so strict loading expects norm_cross_attn.* and cross_attn.{out_proj,"
+          "to_q,to_k,to_v}.*; they are written as a fresh LayerNorm (weight 1, bias 0) and zero Linear "
+          "weights/biases (to_q/to_k/to_v biases only with qkv_bias). The forward pass never uses them. If you "
+          "enable cross-attention, re-initialise them: an all-zero branch gets no gradient. MONAI >= 1.6 builds "
+          "norm_cross_attn only (cross_attn is nn.Identity): drop the cross_attn.* keys it does not have, as the "
+          "load snippet does, or export with --cross-attention-keys norm. MONAI 1.3 has no such layers: drop them "
+          "all, or export with --cross-attention-keys false.";
+      break;
+    case CrossAttentionKeys::norm:
+      cross_note =
+          "MONAI >= 1.6 builds an unused norm_cross_attn LayerNorm in every TransformerBlock "
+          "(with_cross_attention=False; cross_attn is nn.Identity), so strict loading expects norm_cross_attn.*; "
+          "written as a fresh LayerNorm (weight 1, bias 0), never used by the forward pass. MONAI 1.4 - 1.5 also "
+          "build the cross_attn linears: export with --cross-attention-keys true there.";
+      break;
+    case CrossAttentionKeys::none:
+      cross_note =
+          "Not included: loads strictly into MONAI 1.3; on MONAI >= 1.4 load with strict=False (only "
+          "cross_attn/norm_cross_attn keys are then missing, and unused).";
+      break;
+  }
+  j["cross_attention_keys"] = {{"included", cross},
+                               {"linears", keys == CrossAttentionKeys::full},
+                               {"value", to_string(keys)},
+                               {"exact_versions", exact_versions(keys)},
+                               {"note", cross_note}};
   notes.push_back("No buffers: MONAI's attention blocks register causal_mask only for causal=True.");
   j["notes"] = notes;
   j["tensors"] = list;

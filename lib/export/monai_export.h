@@ -3,24 +3,27 @@
 // dict[str, Tensor] that `torch.load` reads, plus a JSON description with the architecture, the
 // preprocessing the encoder was trained on and the exact MONAI constructor call that loads it.
 //
-// Key conventions (MONAI >= 1.4, checked against monai/networks/{nets,blocks} sources):
+// Key conventions (checked against the state_dict() of MONAI 1.5's and 1.6's own classes by
+// tests/export/test_export.py):
 //   - encoder blocks keep their names (`blocks.{i}.norm1|attn.qkv|attn.out_proj|norm2|mlp.linear1|2`);
-//     mae3d's encoder final norm `blocks.{L}` becomes `norm`, its decoder final norm
-//     `decoder_blocks.{Ld}` becomes `decoder_norm` (MaskedAutoEncoderViT holds them as separate
-//     LayerNorms, not as the last entry of the block list);
+//   - the encoder's final norm, mae3d's `blocks.{L}`, is `norm` in ViT (`vit.norm` in UNETR) and
+//     keeps its name `blocks.{L}` in MaskedAutoEncoderViT, which holds it as the last entry of the
+//     nn.Sequential `blocks`; likewise the decoder's final norm stays `decoder_blocks.{Ld}`;
 //   - ViT/UNETR exports drop `cls_token` (ViT with classification=False has none), `mask_tokens`
 //     and every `decoder_*` key;
 //   - keys come in the order MONAI's own state_dict() lists them.
 //
-// Cross-attention keys: since MONAI 1.4 every TransformerBlock builds `norm_cross_attn` and
-// `cross_attn` (to_q, to_k, to_v, out_proj) even when with_cross_attention=False (the default in
-// ViT, UNETR and MaskedAutoEncoderViT), so strict loading expects them. The export adds them (on by
-// default) with LayerNorm weight 1, bias 0 (as a freshly built nn.LayerNorm) and zero Linear
-// weights and biases; to_q/to_k/to_v carry a bias only when qkv_bias is set (MONAI passes qkv_bias
-// to the CrossAttentionBlock). They never reach the forward pass. Whoever turns cross-attention on
-// must re-initialise them: an all-zero q/k/v/out_proj branch passes no gradient to its weights.
-// MONAI registers no buffers in these blocks (causal_mask only exists for causal=True), so there
-// are no other keys to add. MONAI 1.3 builds no cross-attention: export with the keys off.
+// Cross-attention keys: every TransformerBlock of MONAI >= 1.4 builds layers for cross-attention
+// even when with_cross_attention=False (the default in ViT, UNETR and MaskedAutoEncoderViT), so
+// strict loading expects their keys: MONAI 1.4 - 1.5 build `norm_cross_attn` and `cross_attn` (a
+// CrossAttentionBlock: to_q, to_k, to_v, out_proj), MONAI >= 1.6 only `norm_cross_attn`
+// (`cross_attn` is nn.Identity). The export adds the layout chosen (1.4 - 1.5's by default) with
+// LayerNorm weight 1, bias 0 (as a freshly built nn.LayerNorm) and zero Linear weights and biases;
+// to_q/to_k/to_v carry a bias only when qkv_bias is set (MONAI passes qkv_bias to the
+// CrossAttentionBlock). They never reach the forward pass. Whoever turns cross-attention on must
+// re-initialise them: an all-zero q/k/v/out_proj branch passes no gradient to its weights. MONAI
+// registers no buffers in these blocks (causal_mask only exists for causal=True), so there are no
+// other keys to add. MONAI 1.3 builds no cross-attention: export with the keys off.
 //
 // Axis order (export/axis_order.h): by default the weights are rewritten for MONAI's (C, i, j, k)
 // arrays (patch kernels and in-patch voxel orders over the reversed axes, token tables in the raster
@@ -52,12 +55,34 @@ const char* to_string(ExportFormat format);
 /// Parses a --format value; ConfigError naming the flag and the choices for anything else.
 ExportFormat parse_export_format(const std::string& name);
 
+/// The unused cross-attention layers of MONAI's TransformerBlock (with_cross_attention=False),
+/// which depend on the MONAI release; named by their --cross-attention-keys value.
+enum class CrossAttentionKeys {
+  none,  ///< "false": MONAI 1.3, no cross-attention layers
+  full,  ///< "true": MONAI 1.4 - 1.5, norm_cross_attn and cross_attn.{out_proj,to_q,to_k,to_v}
+  norm,  ///< "norm": MONAI >= 1.6, norm_cross_attn only (cross_attn is nn.Identity)
+};
+
+/// "false", "true" or "norm".
+const char* to_string(CrossAttentionKeys keys);
+
+/// Parses a --cross-attention-keys value; ConfigError naming the flag and the choices for anything else.
+CrossAttentionKeys parse_cross_attention_keys(const std::string& value);
+
 /// What to export.
 struct ExportOptions {
   ExportFormat format = ExportFormat::monai_vit;  ///< target network
   bool cross_attention_keys = true;               ///< add MONAI >= 1.4's unused cross-attention keys
   AxisOrder axis_order = AxisOrder::monai;        ///< spatial axis order the exported network expects
   bool allow_diverged = false;                    ///< export a checkpoint marked diverged anyway
+  /// With cross_attention_keys: also the cross_attn linears of MONAI 1.4 - 1.5 (false: MONAI >= 1.6's
+  /// norm_cross_attn only).
+  bool cross_attention_linears = true;
+
+  /// The layout the two flags above select.
+  CrossAttentionKeys cross_attention() const;
+  /// Sets both flags for `keys`.
+  void set_cross_attention(CrossAttentionKeys keys);
 };
 
 /// CheckpointError naming the checkpoint and its divergence reason when `trained` is marked diverged

@@ -3,8 +3,11 @@
 #include <ATen/ATen.h>
 #include <ATen/core/Dict.h>
 #include <ATen/core/ivalue.h>
+#include <caffe2/serialize/inline_container.h>
 #include <fcntl.h>
+#include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/pickle.h>
+#include <torch/csrc/jit/serialization/pickler.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -15,6 +18,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/pickle.h"
 
 namespace fs = std::filesystem;
 
@@ -52,6 +56,7 @@ void write_atomically(const std::string& path, const char* data, size_t size) {
   }
 }
 
+
 }  // namespace
 
 void save_tensor_dict(const NamedTensors& tensors, const std::string& path) {
@@ -76,7 +81,7 @@ void save_tensor_dict(const NamedTensors& tensors, const std::string& path) {
   }
   std::vector<char> bytes;
   try {
-    bytes = torch::jit::pickle_save(c10::IValue(dict));
+    bytes = pickle_untagged(c10::IValue(dict));
   } catch (const c10::Error& e) {
     throw Error(path + ": cannot serialise the tensors: " + e.what_without_backtrace());
   }

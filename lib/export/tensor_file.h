@@ -16,7 +16,8 @@ namespace mae {
 /// Named tensors in a fixed order (the order of the keys in the written dict).
 using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
-/// Writes `tensors` as a pickled dict[str, Tensor] that Python's torch.load reads: CPU, contiguous,
+/// Writes `tensors` as a pickled dict[str, Tensor] that Python's torch.load reads (also with
+/// weights_only=True, the default since PyTorch 2.6: no TorchScript type tags): CPU, contiguous,
 /// floating types as float32, integer types kept (origins are int64). Views and entries sharing a
 /// storage are copied first, so each entry is written with its own storage of exactly its size.
 /// IoError naming `path` when it cannot be written; Error on a duplicate key.

@@ -3,6 +3,10 @@
 //       a checkpoint (step 3) of a model freshly initialised from the config (seeded with its seed)
 //   export_test_helper volume OUT.nii.gz D H W [SEED]
 //       a float32 volume of smooth random values (identity geometry, 1 mm)
+//   export_test_helper predict CHECKPOINT OUT.pt [SEED]
+//       the checkpoint's model (as mae-export loads it) on a batch of 2 random windows with masks drawn by
+//       the model itself from SEED, one intra-op thread: {"x" (B, C, D, H, W), "visible" (B, K) int64 in
+//       draw order, "mask" (B, N), "pred" (B, N, prod(patch)·C)}, all in mae3d's own axis order
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 
@@ -11,9 +15,11 @@
 #include <vector>
 
 #include "core/error.h"
+#include "export/tensor_file.h"
 #include "io/io.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
+#include "train/trained_model.h"
 
 int main(int argc, char** argv) {
   try {
@@ -41,8 +47,23 @@ int main(int argc, char** argv) {
       mae::write_volume(v, args[1]);
       return 0;
     }
+    if (args.size() >= 3 && args[0] == "predict") {
+      const uint64_t seed = args.size() > 3 ? std::stoull(args[3]) : 1;
+      at::set_num_threads(1);
+      mae::TrainedModel trained = mae::load_trained_model(args[1]);
+      const auto& o = trained.model->options();
+      at::Generator gen = at::detail::createCPUGenerator(seed);
+      std::vector<int64_t> shape{2, o.in_channels()};
+      for (int64_t s : o.img_size()) shape.push_back(s);
+      const auto x = at::randn(shape, gen, at::kFloat);
+      torch::NoGradGuard no_grad;
+      const auto out = trained.model->forward(x, std::nullopt, gen);
+      mae::save_tensor_dict({{"x", x}, {"visible", out.visible}, {"mask", out.mask}, {"pred", out.pred}}, args[2]);
+      return 0;
+    }
     std::cerr << "usage: export_test_helper checkpoint RUN_DIR CONFIG.json [key=value ...]\n"
-                 "       export_test_helper volume OUT.nii.gz D H W [SEED]\n";
+                 "       export_test_helper volume OUT.nii.gz D H W [SEED]\n"
+                 "       export_test_helper predict CHECKPOINT OUT.pt [SEED]\n";
     return 2;
   } catch (const mae::Error& e) {
     std::cerr << "export_test_helper: " << e.what() << std::endl;

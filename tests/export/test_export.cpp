@@ -1,7 +1,9 @@
 // Tests of lib/export: the MONAI key lists (names, shapes, order, counts) of every format for a small
 // model and ViT-B 96^3, the cross-attention keys, UNETR refusals, the tensor file round trip, the
 // JSON description, encoder features (tokens equal encode() of each window) and the error cases.
-// The expected key lists are written out here from MONAI's module structure, not from the export.
+// The expected key lists are written out here from MONAI's module structure, not from the export;
+// test_export.py checks the export against the state_dict() of MONAI's own classes (1.5 and 1.6), so
+// the two together pin these lists to the real ones.
 // Axis order: for a non-cubic model (cubic shapes hide axis mistakes), MONAI's ViT and
 // MaskedAutoEncoderViT forward passes, written here in plain LibTorch ops from an exported dict, on
 // the spatially reversed input reproduce encode() / forward_visible() with tokens and patch voxels
@@ -87,8 +89,9 @@ mae::MaskedAutoencoder build(const mae::Config& c) {
   return m;
 }
 
-// One MONAI TransformerBlock as its state_dict lists it.
-void add_block(KeyList& k, const std::string& p, int64_t e, int64_t mlp, bool qkv_bias, bool cross) {
+// One MONAI TransformerBlock as its state_dict lists it; `cross`: the unused cross-attention layers
+// of the MONAI release (none: 1.3, full: 1.4 - 1.5, norm: >= 1.6).
+void add_block(KeyList& k, const std::string& p, int64_t e, int64_t mlp, bool qkv_bias, mae::CrossAttentionKeys cross) {
   k.push_back({p + "mlp.linear1.weight", {mlp, e}});
   k.push_back({p + "mlp.linear1.bias", {mlp}});
   k.push_back({p + "mlp.linear2.weight", {e, mlp}});
@@ -101,9 +104,10 @@ void add_block(KeyList& k, const std::string& p, int64_t e, int64_t mlp, bool qk
   if (qkv_bias) k.push_back({p + "attn.qkv.bias", {3 * e}});
   k.push_back({p + "norm2.weight", {e}});
   k.push_back({p + "norm2.bias", {e}});
-  if (!cross) return;
+  if (cross == mae::CrossAttentionKeys::none) return;
   k.push_back({p + "norm_cross_attn.weight", {e}});
   k.push_back({p + "norm_cross_attn.bias", {e}});
+  if (cross == mae::CrossAttentionKeys::norm) return;
   k.push_back({p + "cross_attn.out_proj.weight", {e, e}});
   k.push_back({p + "cross_attn.out_proj.bias", {e}});
   for (const char* n : {"to_q", "to_k", "to_v"}) {
@@ -113,8 +117,11 @@ void add_block(KeyList& k, const std::string& p, int64_t e, int64_t mlp, bool qk
 }
 
 // MONAI's ViT (prefix "") / UNETR (prefix "vit.") / MaskedAutoEncoderViT state_dict for a 3D model;
-// `reversed`: the conv kernel of a --axis-order monai export, (E, C, pW, pH, pD).
-KeyList expected_keys(const mae::ModelConfig& m, mae::ExportFormat f, bool cross, bool reversed = true) {
+// `reversed`: the conv kernel of a --axis-order monai export, (E, C, pW, pH, pD). ViT names its final
+// LayerNorm `norm`; MaskedAutoEncoderViT keeps both final LayerNorms as the last entries of its
+// nn.Sequential `blocks` and `decoder_blocks`.
+KeyList expected_keys(const mae::ModelConfig& m, mae::ExportFormat f, mae::CrossAttentionKeys cross,
+                      bool reversed = true) {
   KeyList k;
   const std::string pre = f == mae::ExportFormat::monai_unetr ? "vit." : "";
   const bool full = f == mae::ExportFormat::monai_mae;
@@ -140,20 +147,27 @@ KeyList expected_keys(const mae::ModelConfig& m, mae::ExportFormat f, bool cross
   for (int64_t i = 0; i < m.num_layers; ++i) {
     add_block(k, pre + "blocks." + std::to_string(i) + ".", e, m.mlp_dim, m.qkv_bias, cross);
   }
-  k.push_back({pre + "norm.weight", {e}});
-  k.push_back({pre + "norm.bias", {e}});
+  const std::string norm = full ? "blocks." + std::to_string(m.num_layers) + "." : pre + "norm.";
+  k.push_back({norm + "weight", {e}});
+  k.push_back({norm + "bias", {e}});
   if (full) {
     k.push_back({"decoder_embed.weight", {ed, e}});
     k.push_back({"decoder_embed.bias", {ed}});
     for (int64_t j = 0; j < m.decoder_num_layers; ++j) {
       add_block(k, "decoder_blocks." + std::to_string(j) + ".", ed, m.decoder_mlp_dim, m.qkv_bias, cross);
     }
-    k.push_back({"decoder_norm.weight", {ed}});
-    k.push_back({"decoder_norm.bias", {ed}});
+    const std::string decoder_norm = "decoder_blocks." + std::to_string(m.decoder_num_layers) + ".";
+    k.push_back({decoder_norm + "weight", {ed}});
+    k.push_back({decoder_norm + "bias", {ed}});
     k.push_back({"decoder_pred.weight", {pdim, ed}});
     k.push_back({"decoder_pred.bias", {pdim}});
   }
   return k;
+}
+
+// true: MONAI 1.4 - 1.5's cross-attention keys, false: none (the bool of ExportOptions).
+KeyList expected_keys(const mae::ModelConfig& m, mae::ExportFormat f, bool cross, bool reversed = true) {
+  return expected_keys(m, f, cross ? mae::CrossAttentionKeys::full : mae::CrossAttentionKeys::none, reversed);
 }
 
 KeyList key_list(const mae::NamedTensors& t) {
@@ -219,6 +233,39 @@ TEST_F(Export, FormatNames) {
   const auto axis_msg = message_of<mae::ConfigError>([] { mae::parse_axis_order("xyz"); });
   EXPECT_NE(axis_msg.find("--axis-order"), std::string::npos) << axis_msg;
   EXPECT_NE(axis_msg.find("xyz"), std::string::npos) << axis_msg;
+  for (auto k : {mae::CrossAttentionKeys::none, mae::CrossAttentionKeys::full, mae::CrossAttentionKeys::norm}) {
+    EXPECT_EQ(mae::parse_cross_attention_keys(mae::to_string(k)), k);
+    mae::ExportOptions o;
+    o.set_cross_attention(k);
+    EXPECT_EQ(o.cross_attention(), k);
+  }
+  EXPECT_EQ(mae::ExportOptions{}.cross_attention(), mae::CrossAttentionKeys::full);
+  EXPECT_EQ(std::string(mae::to_string(mae::CrossAttentionKeys::full)), "true");
+  const auto cross_msg = message_of<mae::ConfigError>([] { mae::parse_cross_attention_keys("maybe"); });
+  EXPECT_NE(cross_msg.find("--cross-attention-keys"), std::string::npos) << cross_msg;
+  EXPECT_NE(cross_msg.find("maybe"), std::string::npos) << cross_msg;
+}
+
+// The layout of MONAI >= 1.6: norm_cross_attn only, in both the encoder and the decoder.
+TEST_F(Export, NormOnlyCrossAttentionKeys) {
+  auto c = small_config();
+  c.model.qkv_bias = true;
+  auto model = build(c);
+  mae::ExportOptions o;
+  o.set_cross_attention(mae::CrossAttentionKeys::norm);
+  for (auto f : {mae::ExportFormat::monai_vit, mae::ExportFormat::monai_mae}) {
+    SCOPED_TRACE(mae::to_string(f));
+    o.format = f;
+    const auto t = mae::monai_state_dict(*model, o);
+    expect_same_keys(key_list(t), expected_keys(c.model, f, mae::CrossAttentionKeys::norm));
+    for (const auto& [name, v] : t) EXPECT_EQ(name.find(".cross_attn."), std::string::npos) << name;
+  }
+  o.format = mae::ExportFormat::monai_vit;
+  // 3 + 2 blocks x (12 + 2) + 2
+  EXPECT_EQ(mae::monai_state_dict(*model, o).size(), 3u + 2 * 14 + 2);
+  const auto t = mae::monai_state_dict(*model, o);
+  EXPECT_TRUE(entry(t, "blocks.1.norm_cross_attn.weight").equal(at::ones({48})));
+  EXPECT_TRUE(entry(t, "blocks.1.norm_cross_attn.bias").equal(at::zeros({48})));
 }
 
 TEST_F(Export, SmallKeyListsEveryFormat) {
@@ -261,7 +308,7 @@ TEST_F(Export, ValuesAreFreshFloatCopies) {
   const auto c = small_config();
   auto model = build(c);
   const auto t = mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, true, mae::AxisOrder::native});
-  // Renamed final norms carry the model's values.
+  // The final norms carry the model's values (ViT: renamed norm; MaskedAutoEncoderViT: blocks.2).
   auto w = param(*model, "blocks.2.weight");
   {
     torch::NoGradGuard g;
@@ -271,7 +318,8 @@ TEST_F(Export, ValuesAreFreshFloatCopies) {
   const auto t2 = mae::monai_state_dict(*model, {mae::ExportFormat::monai_vit, true});
   EXPECT_TRUE(entry(t2, "norm.weight").equal(w));
   const auto t3 = mae::monai_state_dict(*model, {mae::ExportFormat::monai_mae, true});
-  EXPECT_TRUE(entry(t3, "decoder_norm.bias").equal(param(*model, "decoder_blocks.1.bias")));
+  EXPECT_TRUE(entry(t3, "decoder_blocks.1.bias").equal(param(*model, "decoder_blocks.1.bias")));
+  EXPECT_TRUE(entry(t3, "blocks.2.weight").equal(w));
   EXPECT_TRUE(
       entry(t, "patch_embedding.position_embeddings").equal(param(*model, "patch_embedding.position_embeddings")));
   EXPECT_TRUE(entry(t, "decoder_pred.weight").equal(param(*model, "decoder_pred.weight")));
@@ -393,7 +441,8 @@ at::Tensor reference_mae(const mae::NamedTensors& sd, const at::Tensor& x, const
   for (int64_t i = 0; i < m.num_layers; ++i) {
     h = reference_block(sd, "blocks." + std::to_string(i) + ".", h, m.num_heads, m.qkv_bias);
   }
-  h = at::layer_norm(h, {E}, entry(sd, "norm.weight"), entry(sd, "norm.bias"), 1e-5);
+  const std::string norm = "blocks." + std::to_string(m.num_layers) + ".";
+  h = at::layer_norm(h, {E}, entry(sd, norm + "weight"), entry(sd, norm + "bias"), 1e-5);
   h = at::linear(h, entry(sd, "decoder_embed.weight"), entry(sd, "decoder_embed.bias"));
   auto full =
       entry(sd, "mask_tokens").expand({B, N, Ed}).scatter(1, visible.unsqueeze(-1).expand({B, K, Ed}), h.slice(1, 1));
@@ -401,7 +450,8 @@ at::Tensor reference_mae(const mae::NamedTensors& sd, const at::Tensor& x, const
   for (int64_t j = 0; j < m.decoder_num_layers; ++j) {
     h = reference_block(sd, "decoder_blocks." + std::to_string(j) + ".", h, m.decoder_num_heads, m.qkv_bias);
   }
-  h = at::layer_norm(h, {Ed}, entry(sd, "decoder_norm.weight"), entry(sd, "decoder_norm.bias"), 1e-5);
+  const std::string decoder_norm = "decoder_blocks." + std::to_string(m.decoder_num_layers) + ".";
+  h = at::layer_norm(h, {Ed}, entry(sd, decoder_norm + "weight"), entry(sd, decoder_norm + "bias"), 1e-5);
   return at::linear(h, entry(sd, "decoder_pred.weight"), entry(sd, "decoder_pred.bias")).slice(1, 1);
 }
 
@@ -549,6 +599,15 @@ TEST_F(Export, TensorFileRoundTrip) {
                              {"c", at::randn({4}, at::kDouble)},
                              {"t", at::randn({3, 4}).t()}};
   mae::save_tensor_dict(in, dir / "x.pt");
+  // No TorchScript type tag: torch.load's weights_only mode (PyTorch >= 2.6's default) refuses
+  // torch.jit._pickle.restore_type_tag. The archive stores data.pkl uncompressed.
+  {
+    std::ifstream file(dir / "x.pt", std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+    EXPECT_NE(bytes.find("_rebuild_tensor_v2"), std::string::npos);
+    EXPECT_EQ(bytes.find("restore_type_tag"), std::string::npos);
+    EXPECT_EQ(bytes.find("torch.jit"), std::string::npos);
+  }
   const auto out = mae::load_tensor_dict(dir / "x.pt");
   ASSERT_EQ(out.size(), 4u);
   EXPECT_EQ(out[0].first, "b");
@@ -620,6 +679,26 @@ TEST_F(Export, ExportCheckpointWritesFileAndDescription) {
   EXPECT_EQ(j2["architecture"]["decoder_hidden_size"], 24);
   EXPECT_EQ(j2["monai"]["constructor"].get<std::string>().rfind("MaskedAutoEncoderViT(in_channels=1, ", 0), 0u);
   EXPECT_FALSE(j2["monai"]["strict"].get<bool>());
+  EXPECT_EQ(j2["monai"]["min_version"], "1.3");
+  EXPECT_EQ(j2["cross_attention_keys"]["value"], "false");
+  EXPECT_NE(j2["notes"].dump().find("blocks.2 and decoder_blocks.1"), std::string::npos) << j2["notes"].dump();
+
+  // The cross-attention layout is recorded with the MONAI releases it matches key for key.
+  EXPECT_EQ(j["monai"]["min_version"], "1.4");
+  EXPECT_EQ(j["monai"]["exact_versions"], "1.4 - 1.5");
+  EXPECT_EQ(j["cross_attention_keys"]["value"], "true");
+  EXPECT_TRUE(j["cross_attention_keys"]["linears"].get<bool>());
+  mae::ExportOptions norm_only{mae::ExportFormat::monai_vit};
+  norm_only.set_cross_attention(mae::CrossAttentionKeys::norm);
+  mae::export_checkpoint(dir / "run", dir / "norm.pt", norm_only);
+  const auto j3 = nlohmann::json::parse(std::ifstream(dir / "norm.json"));
+  EXPECT_EQ(j3["monai"]["min_version"], "1.6");
+  EXPECT_EQ(j3["monai"]["exact_versions"], ">= 1.6");
+  EXPECT_TRUE(j3["monai"]["strict"].get<bool>());
+  EXPECT_EQ(j3["cross_attention_keys"]["value"], "norm");
+  EXPECT_TRUE(j3["cross_attention_keys"]["included"].get<bool>());
+  EXPECT_FALSE(j3["cross_attention_keys"]["linears"].get<bool>());
+  EXPECT_EQ(j3["num_tensors"], 3 + 2 * 13 + 2);  // no qkv bias: 11 + 2 per block
 }
 
 TEST_F(Export, UnetrDescription) {

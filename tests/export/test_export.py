@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
-"""Checks mae-export's files from Python, as a MONAI user would read them.
+"""Checks mae-export's files against MONAI's own classes, as a MONAI user loads them.
 
-For a small non-cubic model (conv and perceptron patch embedding) and a ViT-B 96^3 model
-(checkpoints of freshly initialised models written by export_test_helper): every --format loads with
-torch.load as a plain dict[str, Tensor] whose keys, order, shapes and dtypes are MONAI's (ViT, UNETR
-with `vit.`, MaskedAutoEncoderViT; with and without the cross-attention keys of MONAI >= 1.4), in
-MONAI's axis order by default (patch kernel and img_size / patch_size reversed) and in mae3d's with
---axis-order native; a ViT built here from plain PyTorch ops on the monai-vit weights (conv or
-perceptron patch embedding + positions, pre-norm blocks with LayerNorm eps 1e-5, fused qkv,
-softmax(q k^T / sqrt(hd)) v, out_proj, exact GELU MLP, final norm) reproduces the `tokens` that
---features computed on its `windows` within 1e-4, for the default (MONAI's (C, i, j, k)) export and
-features and for --axis-order native; the two feature files are each other's axis permutation; and
-the command line's errors give the right exit status. MONAI itself is not needed. Exit 77 (skipped)
-when torch cannot be imported.
+For checkpoints of freshly initialised models written by export_test_helper (small non-cubic models
+with conv and perceptron patch embedding, a non-cubic 12-layer model that UNETR can hold, and ViT-B
+96^3), in both axis orders (--axis-order monai, the default, and native, built from the img_size /
+patch_size the export's JSON gives):
+  - every --format loads with torch.load(weights_only=True) (PyTorch >= 2.6's default, which refuses
+    TorchScript's pickled type tags) as a plain dict[str, Tensor] (float32, contiguous) and
+    load_state_dict(strict=True) into monai.networks.nets.ViT / MaskedAutoEncoderViT built by the
+    JSON's constructor call, with exactly their state_dict's keys in its order; monai-unetr loads
+    into UNETR with no unexpected key and no missing vit.* key (its decoder stays untrained). The
+    exact export uses the cross-attention layout of the installed MONAI (1.4 - 1.5: norm_cross_attn
+    and cross_attn linears, >= 1.6: norm_cross_attn only, 1.3: none);
+  - the JSON's own loading snippet runs for the default and the keyless exports and loads the weights;
+  - MONAI's ViT and UNETR.vit on the --features windows reproduce the --features tokens;
+  - MONAI's MaskedAutoEncoderViT, fed the window and the visible patches that mae3d's own forward
+    drew (export_test_helper predict; MONAI's mask draw, torch.multinomial, returns them), reproduces
+    mae3d's prediction and mask, its axis order rewritten here by hand for the monai export;
+  - the two feature files are each other's axis permutation, and the command line's errors give the
+    right exit status with a one-line message.
+MONAI must be importable (a missing MONAI is a failure); exit 77 (skipped) only when torch cannot be
+imported.
 """
 import argparse
 import json
@@ -24,10 +32,17 @@ import time
 
 try:
     import torch
-    import torch.nn.functional as F
 except Exception as exc:  # noqa: BLE001 - any import failure means "cannot run here"
     print(f"SKIP: cannot import torch with {sys.executable}: {exc}")
     sys.exit(77)
+
+try:
+    import monai
+    from monai.networks.blocks.transformerblock import TransformerBlock
+    from monai.networks.nets import UNETR, MaskedAutoEncoderViT, ViT
+except Exception as exc:  # noqa: BLE001
+    print(f"FAIL: cannot import MONAI with {sys.executable} (torch {torch.__version__}): {exc}")
+    sys.exit(1)
 
 # Non-cubic image, patch and grid (16, 24, 32) / (4, 8, 16) / (4, 3, 2): none reads the same reversed.
 SMALL = {
@@ -41,8 +56,18 @@ SMALL = {
 MLP = {
     "seed": 3,
     "data": SMALL["data"],
-    "model": dict(SMALL["model"], proj_type="perceptron", pos_embed_type="learnable"),
+    "model": dict(SMALL["model"], proj_type="perceptron", pos_embed_type="learnable",
+                  decoder_pos_embed_type="learnable"),
     "volume": (40, 36, 33),
+}
+# What UNETR holds (12 layers, patch 16), non-cubic: grid (2, 3, 4).
+U12 = {
+    "seed": 4,
+    "data": SMALL["data"],
+    "model": {"img_size": [32, 48, 64], "patch_size": [16, 16, 16], "hidden_size": 48, "mlp_dim": 96,
+              "num_layers": 12, "num_heads": 4, "decoder_hidden_size": 24, "decoder_mlp_dim": 40,
+              "decoder_num_layers": 2, "decoder_num_heads": 4},
+    "volume": (40, 52, 70),
 }
 VITB = {
     "seed": 2,
@@ -50,102 +75,39 @@ VITB = {
     "model": {},  # defaults: ViT-B 96^3, patch 16, decoder 384 / 512 / 4 / 12
     "volume": (100, 96, 96),
 }
+CONFIGS = {"small": SMALL, "mlp": MLP, "u12": U12, "vitb": VITB}
 MODEL_DEFAULTS = {"in_channels": 1, "img_size": [96, 96, 96], "patch_size": [16, 16, 16], "hidden_size": 768,
                   "mlp_dim": 3072, "num_layers": 12, "num_heads": 12, "decoder_hidden_size": 384,
                   "decoder_mlp_dim": 512, "decoder_num_layers": 4, "decoder_num_heads": 12, "qkv_bias": False,
                   "proj_type": "conv"}
+NETWORKS = {"monai-vit": ViT, "monai-unetr": UNETR, "monai-mae": MaskedAutoEncoderViT}
+NUM_CLASSES = 3
+TOLERANCE = 1e-4  # float32 LibTorch vs float32 PyTorch, post-LayerNorm values of order 1
 
 failures = []
+measured = {}
 
 
 def check(cond, what):
     if not cond:
         failures.append(what)
         print("FAIL:", what)
+    return cond
 
 
-def monai_block(prefix, e, mlp, qkv_bias, cross):
-    """One MONAI TransformerBlock in state_dict order (mlp, norm1, attn, norm2, cross-attention)."""
-    k = [(prefix + "mlp.linear1.weight", (mlp, e)), (prefix + "mlp.linear1.bias", (mlp,)),
-         (prefix + "mlp.linear2.weight", (e, mlp)), (prefix + "mlp.linear2.bias", (e,)),
-         (prefix + "norm1.weight", (e,)), (prefix + "norm1.bias", (e,)),
-         (prefix + "attn.out_proj.weight", (e, e)), (prefix + "attn.out_proj.bias", (e,)),
-         (prefix + "attn.qkv.weight", (3 * e, e))]
-    if qkv_bias:
-        k.append((prefix + "attn.qkv.bias", (3 * e,)))
-    k += [(prefix + "norm2.weight", (e,)), (prefix + "norm2.bias", (e,))]
-    if cross:
-        k += [(prefix + "norm_cross_attn.weight", (e,)), (prefix + "norm_cross_attn.bias", (e,)),
-              (prefix + "cross_attn.out_proj.weight", (e, e)), (prefix + "cross_attn.out_proj.bias", (e,))]
-        for n in ("to_q", "to_k", "to_v"):
-            k.append((prefix + f"cross_attn.{n}.weight", (e, e)))
-            if qkv_bias:
-                k.append((prefix + f"cross_attn.{n}.bias", (e,)))
-    return k
+def installed_cross_layout():
+    """The --cross-attention-keys value whose keys the installed MONAI's TransformerBlock holds."""
+    keys = list(TransformerBlock(8, 16, 2).state_dict())
+    if any(k.startswith("cross_attn.") for k in keys):
+        return "true"
+    if any(k.startswith("norm_cross_attn.") for k in keys):
+        return "norm"
+    return "false"
 
 
-def expected_keys(m, fmt, cross, axis_order="monai"):
-    """MONAI's ViT / UNETR (vit.*) / MaskedAutoEncoderViT state_dict keys and shapes."""
-    pre = "vit." if fmt == "monai-unetr" else ""
-    full = fmt == "monai-mae"
-    img, pt = m["img_size"], m["patch_size"]
-    n = (img[0] // pt[0]) * (img[1] // pt[1]) * (img[2] // pt[2])
-    e, ed = m["hidden_size"], m["decoder_hidden_size"]
-    pdim = m["in_channels"] * pt[0] * pt[1] * pt[2]
-    k = []
-    if full:
-        k += [("cls_token", (1, 1, e)), ("mask_tokens", (1, 1, ed)), ("decoder_pos_embedding", (1, n, ed))]
-    k.append((pre + "patch_embedding.position_embeddings", (1, n, e)))
-    if m["proj_type"] == "conv":
-        kernel = tuple(reversed(pt)) if axis_order == "monai" else tuple(pt)
-        k += [(pre + "patch_embedding.patch_embeddings.weight", (e, m["in_channels"], *kernel)),
-              (pre + "patch_embedding.patch_embeddings.bias", (e,))]
-    else:
-        k += [(pre + "patch_embedding.patch_embeddings.1.weight", (e, pdim)),
-              (pre + "patch_embedding.patch_embeddings.1.bias", (e,))]
-    for i in range(m["num_layers"]):
-        k += monai_block(f"{pre}blocks.{i}.", e, m["mlp_dim"], m["qkv_bias"], cross)
-    k += [(pre + "norm.weight", (e,)), (pre + "norm.bias", (e,))]
-    if full:
-        k += [("decoder_embed.weight", (ed, e)), ("decoder_embed.bias", (ed,))]
-        for j in range(m["decoder_num_layers"]):
-            k += monai_block(f"decoder_blocks.{j}.", ed, m["decoder_mlp_dim"], m["qkv_bias"], cross)
-        k += [("decoder_norm.weight", (ed,)), ("decoder_norm.bias", (ed,)),
-              ("decoder_pred.weight", (pdim, ed)), ("decoder_pred.bias", (pdim,))]
-    return k
-
-
-def reference_vit(sd, x, m, patch):
-    """MONAI's ViT forward (classification=False) in plain PyTorch ops: x (B, C, s0, s1, s2) -> (B, N, E)
-    with `patch` in x's axis order."""
-    e, heads = m["hidden_size"], m["num_heads"]
-    hd = e // heads
-    sd = {k: v.double() for k, v in sd.items()}
-    x = x.double()
-    if m["proj_type"] == "conv":
-        h = F.conv3d(x, sd["patch_embedding.patch_embeddings.weight"], sd["patch_embedding.patch_embeddings.bias"],
-                     stride=tuple(patch))
-        h = h.flatten(2).transpose(1, 2)
-    else:  # Rearrange("b c (h p1) (w p2) (d p3) -> b (h w d) (p1 p2 p3 c)"), then Linear
-        b, c = x.shape[:2]
-        g = [s // p for s, p in zip(x.shape[2:], patch)]
-        v = x.reshape(b, c, g[0], patch[0], g[1], patch[1], g[2], patch[2]).permute(0, 2, 4, 6, 3, 5, 7, 1)
-        h = F.linear(v.reshape(b, g[0] * g[1] * g[2], -1), sd["patch_embedding.patch_embeddings.1.weight"],
-                     sd["patch_embedding.patch_embeddings.1.bias"])
-    h = h + sd["patch_embedding.position_embeddings"]
-    for i in range(m["num_layers"]):
-        p = f"blocks.{i}."
-        y = F.layer_norm(h, (e,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps=1e-5)
-        qkv = F.linear(y, sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"))
-        b, t, _ = qkv.shape
-        q, k, v = qkv.view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
-        att = torch.softmax(q @ k.transpose(-2, -1) * hd ** -0.5, dim=-1)
-        o = (att @ v).transpose(1, 2).reshape(b, t, e)
-        h = h + F.linear(o, sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"])
-        y = F.layer_norm(h, (e,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps=1e-5)
-        y = F.gelu(F.linear(y, sd[p + "mlp.linear1.weight"], sd[p + "mlp.linear1.bias"]))
-        h = h + F.linear(y, sd[p + "mlp.linear2.weight"], sd[p + "mlp.linear2.bias"])
-    return F.layer_norm(h, (e,), sd["norm.weight"], sd["norm.bias"], eps=1e-5)
+def load(path):
+    """torch.load as PyTorch >= 2.6 does by default (weights_only): plain tensors and containers only."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def run(cmd):
@@ -159,22 +121,59 @@ def run_ok(cmd):
     return r
 
 
-def check_export_file(path, m, fmt, cross, name, axis_order="monai"):
-    sd = torch.load(path, map_location="cpu")
+def build_network(desc):
+    """The MONAI network of an export, built by the exact constructor call its JSON gives."""
+    ctor = desc["monai"]["constructor"]
+    net = eval(ctor, {"__builtins__": {}}, {"ViT": ViT, "UNETR": UNETR, "MaskedAutoEncoderViT": MaskedAutoEncoderViT,
+                                           "num_classes": NUM_CLASSES})  # noqa: S307 - our own export's text
+    return net.eval()
+
+
+def describe_difference(name, got, want):
+    only_got = [k for k in got if k not in set(want)]
+    only_want = [k for k in want if k not in set(got)]
+    print(f"  {name}: only exported {only_got[:6]}, only in MONAI {only_want[:6]}")
+
+
+def check_strict_load(sd, desc, fmt, name):
+    """load_state_dict into the real class: strict for ViT / MaskedAutoEncoderViT, vit.* for UNETR."""
+    net = build_network(desc)
+    own = list(net.state_dict())
+    if fmt == "monai-unetr":
+        want = [k for k in own if k.startswith("vit.")]
+        try:
+            missing, unexpected = net.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shape mismatches raise even with strict=False
+            check(False, f"{name}: UNETR.load_state_dict ({str(e).splitlines()[0]})")
+            return None
+        check(not unexpected, f"{name}: no unexpected key in UNETR ({unexpected[:4]})")
+        vit_missing = [k for k in missing if k.startswith("vit.")]
+        check(not vit_missing, f"{name}: no missing vit.* key ({vit_missing[:4]})")
+        check(missing and all(not k.startswith("vit.") for k in missing), f"{name}: only the decoder stays fresh")
+    else:
+        want = own
+        try:
+            net.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            check(False, f"{name}: {type(net).__name__}.load_state_dict(strict=True) ({str(e).splitlines()[0]})")
+            describe_difference(name, list(sd), want)
+            return None
+    if not check(list(sd) == want, f"{name}: keys in MONAI's state_dict order"):
+        describe_difference(name, list(sd), want)
+    loaded = net.state_dict()
+    check(all(torch.equal(loaded[k], v) for k, v in sd.items()), f"{name}: the network holds the exported values")
+    return net
+
+
+def check_file(path, desc, m, fmt, cross, axis_order, name):
+    sd = load(path)
     check(type(sd) is dict, f"{name}: torch.load gives a dict (got {type(sd).__name__})")
-    want = expected_keys(m, fmt, cross, axis_order)
-    got = [(k, tuple(v.shape)) for k, v in sd.items()]
-    check([k for k, _ in got] == [k for k, _ in want], f"{name}: key names and order")
-    if [k for k, _ in got] != [k for k, _ in want]:
-        print("  only exported:", sorted(set(k for k, _ in got) - set(k for k, _ in want))[:10])
-        print("  only expected:", sorted(set(k for k, _ in want) - set(k for k, _ in got))[:10])
-    check(dict(got) == dict(want), f"{name}: shapes")
     check(all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in sd.values()), f"{name}: float32")
     check(all(v.is_contiguous() for v in sd.values()), f"{name}: contiguous")
-    desc = json.load(open(os.path.splitext(path)[0] + ".json"))
     check(desc["format"] == fmt and desc["num_tensors"] == len(sd), f"{name}: description format and count")
-    check(desc["cross_attention_keys"]["included"] == cross, f"{name}: description cross-attention flag")
+    check(desc["cross_attention_keys"]["value"] == cross, f"{name}: description cross-attention value")
     check([t["name"] for t in desc["tensors"]] == list(sd), f"{name}: description tensor list")
+    check([t["shape"] for t in desc["tensors"]] == [list(v.shape) for v in sd.values()], f"{name}: description shapes")
     img, pt = m["img_size"], m["patch_size"]
     if axis_order == "monai":
         img, pt = img[::-1], pt[::-1]
@@ -182,16 +181,111 @@ def check_export_file(path, m, fmt, cross, name, axis_order="monai"):
     check(desc["architecture"]["img_size"] == img and desc["architecture"]["patch_size"] == pt,
           f"{name}: description img_size / patch_size in {axis_order} order")
     check(f"img_size={tuple(img)}" in desc["monai"]["constructor"], f"{name}: constructor img_size {tuple(img)}")
-    if cross:
-        nca = [k for k in sd if k.endswith("norm_cross_attn.weight")]
-        check(nca and all(torch.equal(sd[k], torch.ones_like(sd[k])) for k in nca), f"{name}: cross norm ones")
-        zeros = [k for k in sd if ".cross_attn." in k]
-        check(zeros and all(not sd[k].any() for k in zeros), f"{name}: cross-attention linears zero")
+    if m["proj_type"] == "conv":
+        kernel = [k for k in sd if k.endswith("patch_embedding.patch_embeddings.weight")]
+        check(kernel and list(sd[kernel[0]].shape[2:]) == pt, f"{name}: conv kernel in {axis_order} order")
+    nca = [k for k in sd if k.endswith("norm_cross_attn.weight")]
+    linears = [k for k in sd if ".cross_attn." in k]
+    check(bool(nca) == (cross != "false") and bool(linears) == (cross == "true"), f"{name}: cross-attention keys")
+    check(all(torch.equal(sd[k], torch.ones_like(sd[k])) for k in nca), f"{name}: norm_cross_attn weights one")
+    check(all(not sd[k].any() for k in linears + [k.replace("weight", "bias") for k in nca]),
+          f"{name}: cross-attention linears and norm biases zero")
     return sd
 
 
-def test_config(label, cfg, args, work):
+def check_snippet(desc, sd, name):
+    """Runs the JSON's loading snippet as written and checks that the network got the weights."""
+    m = desc["architecture"]
+    x = torch.randn(1, m["in_channels"], *m["img_size"])
+    ns = {"x": x}
+    try:
+        with torch.no_grad():
+            exec(desc["monai"]["load"], ns)  # noqa: S102 - our own export's snippet
+    except Exception as e:  # noqa: BLE001
+        check(False, f"{name}: the JSON's load snippet runs ({type(e).__name__}: {str(e).splitlines()[0]})")
+        return
+    held = ns["net"].state_dict()
+    check(all(torch.equal(held[k], v) for k, v in sd.items() if k in held), f"{name}: snippet loaded the weights")
+    check(all(k in held or "cross_attn" in k for k in sd), f"{name}: snippet dropped only cross-attention keys")
+
+
+def tokens_to_monai(t, grid):
+    """(B, N, X) in the raster of mae3d's (gD, gH, gW) grid -> the raster of (gW, gH, gD)."""
+    b, n, x = t.shape
+    return t.reshape(b, *grid, x).permute(0, 3, 2, 1, 4).reshape(b, n, x)
+
+
+def voxels_to_monai(t, patch, channels):
+    """(..., P*C) patch voxels in (pD pH pW c) order -> (pW pH pD c)."""
+    lead = t.shape[:-1]
+    return t.reshape(-1, *patch, channels).permute(0, 3, 2, 1, 4).reshape(*lead, -1)
+
+
+def index_to_monai(visible, grid):
+    """Token indices of mae3d's (gD, gH, gW) raster -> their index in the (gW, gH, gD) raster."""
+    gd, gh, gw = grid
+    d, h, w = visible // (gh * gw), (visible // gw) % gh, visible % gw
+    return (w * gh + h) * gd + d
+
+
+class DrawnMask:
+    """Makes MONAI's MaskedAutoEncoderViT keep `visible` (B, K): its mask draw, torch.multinomial,
+    returns them (after checking that MONAI asks for B rows of N tokens and K of them)."""
+
+    def __init__(self, visible, num_tokens):
+        self.visible, self.num_tokens, self.calls = visible, num_tokens, []
+
+    def __enter__(self):
+        self.original = torch.multinomial
+
+        def draw(weights, num_samples, replacement=False, **kwargs):
+            self.calls.append((tuple(weights.shape), num_samples, replacement))
+            return self.visible.clone()
+
+        torch.multinomial = draw
+        return self
+
+    def __exit__(self, *exc):
+        torch.multinomial = self.original
+        return False
+
+    def asked_for_ours(self):
+        b, k = self.visible.shape
+        return self.calls == [((b, self.num_tokens), k, False)]
+
+
+def check_mae_parity(net, ours, m, axis_order, name):
+    x, visible, mask, pred = ours["x"], ours["visible"], ours["mask"], ours["pred"]
+    grid = [i // p for i, p in zip(m["img_size"], m["patch_size"])]
+    n = grid[0] * grid[1] * grid[2]
+    if axis_order == "monai":
+        x = x.permute(0, 1, 4, 3, 2)
+        visible = index_to_monai(visible, grid)
+        mask = tokens_to_monai(mask.unsqueeze(-1), grid).squeeze(-1)
+        pred = voxels_to_monai(tokens_to_monai(pred, grid), m["patch_size"], m["in_channels"])
+    with torch.no_grad(), DrawnMask(visible, n) as drawn:
+        monai_pred, monai_mask = net(x)
+    check(drawn.asked_for_ours(), f"{name}: MONAI draws {visible.shape[1]} of {n} tokens per window ({drawn.calls})")
+    check(torch.equal(monai_mask.float(), mask), f"{name}: MONAI's mask is mae3d's")
+    if not check(monai_pred.shape == pred.shape, f"{name}: prediction shape {tuple(monai_pred.shape)}"):
+        return
+    diff = (monai_pred.double() - pred.double()).abs().max().item()
+    measured[name] = diff
+    print(f"{name}: MONAI MaskedAutoEncoderViT vs mae3d forward on the same window and visible patches: "
+          f"max |diff| = {diff:.2e}")
+    check(diff < TOLERANCE, f"{name}: MONAI's prediction is mae3d's (max diff {diff:.2e})")
+
+
+def export(args, run_dir, out, fmt, cross, axis_order):
+    # The default axis order is monai: pass --axis-order only for native.
+    return run([args.mae_export, "--checkpoint", run_dir, "--out", out, "--format", fmt,
+                "--cross-attention-keys", cross, "--threads", "1",
+                *(["--axis-order", axis_order] if axis_order != "monai" else [])])
+
+
+def test_config(label, cfg, args, work, layout):
     m = dict(MODEL_DEFAULTS, **cfg["model"])
+    m.setdefault("pos_embed_type", "sincos")
     cfg_path = os.path.join(work, f"{label}.json")
     with open(cfg_path, "w") as f:
         json.dump({"seed": cfg["seed"], "data": cfg["data"], "model": cfg["model"]}, f)
@@ -199,76 +293,85 @@ def test_config(label, cfg, args, work):
     run_ok([args.helper, "checkpoint", run_dir, cfg_path])
     vol = os.path.join(work, f"{label}_volume.nii.gz")
     run_ok([args.helper, "volume", vol, *cfg["volume"]])
+    predictions = os.path.join(work, f"{label}_pred.pt")
+    run_ok([args.helper, "predict", run_dir, predictions, cfg["seed"]])
+    ours = load(predictions)
+    check(list(ours) == ["x", "visible", "mask", "pred"], f"{label}: helper predictions")
 
     unetr_ok = m["num_layers"] == 12 and all(p == 16 for p in m["patch_size"])
-    vit_paths = {o: os.path.join(work, f"{label}_vit_{o}.pt") for o in ("monai", "native")}
-    runs = [(fmt, cross, "monai") for fmt in ("monai-vit", "monai-unetr", "monai-mae") for cross in (True, False)]
-    runs += [("monai-vit", True, "native"), ("monai-mae", False, "native")]
+    nets = {}
+    # The exact export for the installed MONAI in both orders; the other layouts through the JSON's snippet.
+    runs = [(fmt, layout, o) for o in ("monai", "native") for fmt in NETWORKS]
+    runs += [(fmt, cross, "monai") for cross in ("true", "false") if cross != layout for fmt in NETWORKS]
     for fmt, cross, axis_order in runs:
         name = f"{label} {fmt} cross={cross} axes={axis_order}"
         out = os.path.join(work, f"{label}_{fmt}_{cross}_{axis_order}.pt")
         start = time.monotonic()
-        # The default axis order is monai: pass --axis-order only for native.
-        r = run([args.mae_export, "--checkpoint", run_dir, "--out", out, "--format", fmt,
-                 "--cross-attention-keys", "true" if cross else "false", "--threads", "2",
-                 *(["--axis-order", axis_order] if axis_order != "monai" else [])])
+        r = export(args, run_dir, out, fmt, cross, axis_order)
         seconds = time.monotonic() - start
         if fmt == "monai-unetr" and not unetr_ok:
-            check(r.returncode == 2 and "monai-unetr" in r.stderr,
-                  f"{name}: refused with exit 2 ({r.stderr.strip()})")
+            check(r.returncode == 2 and "monai-unetr" in r.stderr, f"{name}: refused with exit 2 ({r.stderr.strip()})")
             check(not os.path.exists(out), f"{name}: refused without writing")
             continue
-        check(r.returncode == 0, f"{name}: exit 0 ({r.stderr.strip()})")
-        if r.returncode != 0:
+        if not check(r.returncode == 0, f"{name}: exit 0 ({r.stderr.strip()})"):
             continue
         print(f"{name}: exported in {seconds:.2f} s ({os.path.getsize(out) / 2**20:.1f} MiB)")
-        check_export_file(out, m, fmt, cross, name, axis_order)
-        if fmt == "monai-vit" and cross:
-            os.replace(out, vit_paths[axis_order])
-            os.replace(os.path.splitext(out)[0] + ".json", os.path.splitext(vit_paths[axis_order])[0] + ".json")
-        else:
-            os.remove(out)
+        desc = json.load(open(os.path.splitext(out)[0] + ".json"))
+        sd = check_file(out, desc, m, fmt, cross, axis_order, name)
+        check_snippet(desc, sd, name)
+        if cross == layout:
+            nets[fmt, axis_order] = check_strict_load(sd, desc, fmt, name)
+        os.remove(out)
+        os.remove(os.path.splitext(out)[0] + ".json")
 
     img, pt = m["img_size"], m["patch_size"]
-    n = (img[0] // pt[0]) * (img[1] // pt[1]) * (img[2] // pt[2])
     grid = [i // p for i, p in zip(img, pt)]
+    n = grid[0] * grid[1] * grid[2]
     feats = {}
     for axis_order in ("monai", "native"):
-        name = f"{label} features axes={axis_order}"
+        name = f"{label} axes={axis_order}"
         feat = os.path.join(work, f"{label}_features_{axis_order}.pt")
-        run_ok([args.mae_export, "--checkpoint", run_dir, "--features", vol, "--out", feat, "--threads", "2",
+        run_ok([args.mae_export, "--checkpoint", run_dir, "--features", vol, "--out", feat, "--threads", "1",
                 *(["--axis-order", axis_order] if axis_order != "monai" else [])])
-        f = torch.load(feat, map_location="cpu")
-        check(list(f) == ["windows", "origins", "tokens", "pooled"], f"{name}: keys")
+        f = load(feat)
+        check(list(f) == ["windows", "origins", "tokens", "pooled"], f"{name} features: keys")
         w, o, t, p = f["windows"], f["origins"], f["tokens"], f["pooled"]
         # monai: windows (W, C, i, j, k), the patch and grid read (i, j, k).
-        img_o, pt_o, grid_o = (img[::-1], pt[::-1], grid[::-1]) if axis_order == "monai" else (img, pt, grid)
+        img_o, grid_o = (img[::-1], grid[::-1]) if axis_order == "monai" else (img, grid)
         check(w.dim() == 5 and tuple(w.shape[1:]) == (m["in_channels"], *img_o),
-              f"{name}: windows shape {tuple(w.shape)}")
-        check(o.dtype == torch.int64 and tuple(o.shape) == (w.shape[0], 3), f"{name}: origins")
-        check(tuple(t.shape) == (w.shape[0], n, m["hidden_size"]), f"{name}: tokens shape {tuple(t.shape)}")
-        check(tuple(p.shape) == (m["hidden_size"],), f"{name}: pooled shape")
-        check(torch.allclose(p, t.mean((0, 1)), atol=1e-6), f"{name}: pooled is the mean token")
+              f"{name} features: windows shape {tuple(w.shape)}")
+        check(o.dtype == torch.int64 and tuple(o.shape) == (w.shape[0], 3), f"{name} features: origins")
+        check(tuple(t.shape) == (w.shape[0], n, m["hidden_size"]), f"{name} features: tokens shape {tuple(t.shape)}")
+        check(torch.allclose(p, t.mean((0, 1)), atol=1e-6), f"{name} features: pooled is the mean token")
         desc = json.load(open(os.path.splitext(feat)[0] + ".json"))
-        check(desc["shapes"]["tokens"] == list(t.shape), f"{name}: description shapes")
-        check(desc["axis_order"]["order"] == axis_order and desc["grid"] == grid_o, f"{name}: description axes")
-        sd = torch.load(vit_paths[axis_order], map_location="cpu")
-        with torch.no_grad():
-            ref = reference_vit(sd, w, m, pt_o)
-        diff = (ref - t.double()).abs().max().item()
-        print(f"{name}: plain-PyTorch ViT ({axis_order} export) vs --features tokens over {w.shape[0]} windows: "
-              f"max |diff| = {diff:.2e}")
-        check(diff < 1e-4, f"{name}: reference ViT reproduces the tokens (max diff {diff:.2e})")
+        check(desc["shapes"]["tokens"] == list(t.shape), f"{name} features: description shapes")
+        check(desc["axis_order"]["order"] == axis_order and desc["grid"] == grid_o, f"{name} features: description axes")
+        encoders = [("ViT", nets.get(("monai-vit", axis_order)))]
+        if unetr_ok:
+            unetr = nets.get(("monai-unetr", axis_order))
+            encoders.append(("UNETR.vit", unetr.vit if unetr is not None else None))
+            if unetr is not None:
+                with torch.no_grad():
+                    seg = unetr(w[:1])
+                check(tuple(seg.shape) == (1, NUM_CLASSES, *img_o), f"{name}: UNETR output shape {tuple(seg.shape)}")
+        for what, encoder in encoders:
+            if not check(encoder is not None, f"{name}: {what} loaded"):
+                continue
+            with torch.no_grad():
+                tokens, _ = encoder(w)
+            diff = (tokens.double() - t.double()).abs().max().item()
+            measured[f"{name} {what}"] = diff
+            print(f"{name}: MONAI {what} vs --features tokens over {w.shape[0]} windows: max |diff| = {diff:.2e}")
+            check(diff < TOLERANCE, f"{name}: MONAI {what} reproduces the --features tokens (max diff {diff:.2e})")
+        mae_net = nets.get(("monai-mae", axis_order))
+        if check(mae_net is not None, f"{name}: MaskedAutoEncoderViT loaded"):
+            check_mae_parity(mae_net, ours, m, axis_order, f"{name} MaskedAutoEncoderViT")
         feats[axis_order] = f
-        os.remove(vit_paths[axis_order])
         os.remove(feat)
     fm, fn = feats["monai"], feats["native"]
-    gd, gh, gw = grid
     check(torch.equal(fm["windows"], fn["windows"].permute(0, 1, 4, 3, 2)), f"{label} features: windows reversed")
     check(torch.equal(fm["origins"], fn["origins"].flip(1)), f"{label} features: origins as (i, j, k)")
-    tn = fn["tokens"]
-    reordered = tn.reshape(tn.shape[0], gd, gh, gw, -1).permute(0, 3, 2, 1, 4).reshape(tn.shape)
-    check(torch.equal(fm["tokens"], reordered), f"{label} features: tokens in the (i, j, k) raster")
+    check(torch.equal(fm["tokens"], tokens_to_monai(fn["tokens"], grid)), f"{label} features: tokens in (i, j, k) raster")
     check(torch.equal(fm["pooled"], fn["pooled"]), f"{label} features: pooled unchanged")
     return run_dir, vol
 
@@ -300,24 +403,30 @@ def test_cli_errors(args, work, run_dir, vol):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mae-export", required=True)
     ap.add_argument("--helper", required=True)
     ap.add_argument("--work-dir", required=True)
-    ap.add_argument("--configs", default="small,mlp,vitb", help="comma-separated: small, mlp, vitb")
+    ap.add_argument("--configs", default="small,mlp,u12,vitb", help="comma-separated: " + ", ".join(CONFIGS))
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
+    layout = installed_cross_layout()
+    print(f"torch {torch.__version__}, MONAI {monai.__version__} (cross-attention keys: {layout})")
     work = os.path.abspath(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     runs = {}
     for label in args.configs.split(","):
-        runs[label] = test_config(label, {"small": SMALL, "mlp": MLP, "vitb": VITB}[label], args, work)
+        start = time.monotonic()
+        runs[label] = test_config(label, CONFIGS[label], args, work, layout)
+        print(f"{label}: checked in {time.monotonic() - start:.1f} s")
         if label == "vitb":  # the ViT-B checkpoint is ~370 MB
             shutil.rmtree(runs[label][0])
     if "small" not in runs:
-        runs["small"] = test_config("small", SMALL, args, work)
+        runs["small"] = test_config("small", SMALL, args, work, layout)
     test_cli_errors(args, work, *runs["small"])
+    if measured:
+        print(f"largest max |diff| over all parity checks: {max(measured.values()):.2e}")
     if failures:
         print(f"{len(failures)} check(s) failed (files kept in {work})")
         return 1
