@@ -15,6 +15,7 @@
 #include <map>
 
 #include "core/error.h"
+#include "core/pickle.h"
 #include "data/cache.h"
 #include "infer/windows.h"
 #include "io/io.h"
@@ -262,7 +263,7 @@ void save_window_tensors(const WindowTensors& w, const std::string& path) {
   dict.insert("input", w.input.contiguous());
   dict.insert("mask", w.mask.contiguous());
   dict.insert("pred", w.pred.to(at::kFloat).contiguous());
-  const std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
+  const std::vector<char> bytes = pickle_untagged(c10::IValue(dict));
   std::ofstream f(path, std::ios::binary | std::ios::trunc);
   f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   f.close();
