@@ -21,6 +21,7 @@
 #include "core/threads.h"
 #include "model/flops.h"
 #include "model/mae.h"
+#include "model/presets.h"
 #include "model/ops.h"
 #include "train/adamw.h"
 
@@ -89,51 +90,10 @@ struct BenchSettings {
   std::string attention = "fused";  // fused | explicit (MaskedAutoencoderOptions::fused_attention)
 };
 
-mae::MaskedAutoencoderOptions preset_options(const std::string& name, int64_t& batch) {
-  if (name == "A") {
-    batch = 2;
-    return mae::MaskedAutoencoderOptions(1, {96, 96, 96}, {16, 16, 16})
-        .hidden_size(768)
-        .mlp_dim(3072)
-        .num_layers(12)
-        .num_heads(12)
-        .decoder_hidden_size(384)
-        .decoder_mlp_dim(512)
-        .decoder_num_layers(4)
-        .decoder_num_heads(12)
-        .masking_ratio(0.75);
-  }
-  if (name == "B") {
-    batch = 4;
-    return mae::MaskedAutoencoderOptions(1, {64, 64, 64}, {16, 16, 16})
-        .hidden_size(384)
-        .mlp_dim(1536)
-        .num_layers(6)
-        .num_heads(6)
-        .decoder_hidden_size(384)
-        .decoder_mlp_dim(512)
-        .decoder_num_layers(4)
-        .decoder_num_heads(12)
-        .masking_ratio(0.75);
-  }
-  if (name == "tiny") {
-    batch = 2;
-    return mae::MaskedAutoencoderOptions(1, {32, 32, 32}, {8, 8, 8})
-        .hidden_size(96)
-        .mlp_dim(192)
-        .num_layers(2)
-        .num_heads(4)
-        .decoder_hidden_size(48)
-        .decoder_mlp_dim(96)
-        .decoder_num_layers(1)
-        .decoder_num_heads(4);
-  }
-  throw mae::ConfigError("--preset \"" + name + "\" is not a preset; choose A, B or tiny");
-}
 
 std::string bench_one(const std::string& name, const BenchSettings& s, double mm_gflops) {
   int64_t batch = 0;
-  auto options = preset_options(name, batch);
+  auto options = mae::benchmark_preset(name, batch);
   if (s.batch > 0) batch = s.batch;
   options.fused_attention(s.attention == "fused");
   // What actually runs: LibTorch 1.13 has no fused kernel and takes the explicit path either way.
@@ -246,7 +206,7 @@ int main(int argc, char** argv) {
     }
     for (const auto& p : presets) {
       int64_t batch = 0;
-      preset_options(p, batch);  // refuse a bad preset before the slow matmul measurement
+      mae::benchmark_preset(p, batch);  // refuse a bad preset before the slow matmul measurement
     }
     torch::Device device(settings.device);
     if (device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, 0);

@@ -31,6 +31,7 @@
 #include "core/printable.h"
 #include "core/threads.h"
 #include "model/mae.h"
+#include "model/presets.h"
 #include "model/ops.h"
 #include "train/adamw.h"
 
@@ -55,34 +56,8 @@ struct Settings {
   bool keep = false;
 };
 
-// Models small enough that the whole check takes seconds: "tiny" (32³) everywhere, "B" (64³,
-// mae-bench's preset B) where a GPU makes it cheap.
-mae::MaskedAutoencoderOptions preset_options(const std::string& name, int64_t& batch) {
-  if (name == "B") {
-    batch = 4;
-    return mae::MaskedAutoencoderOptions(1, {64, 64, 64}, {16, 16, 16})
-        .hidden_size(384)
-        .mlp_dim(1536)
-        .num_layers(6)
-        .num_heads(6)
-        .decoder_hidden_size(384)
-        .decoder_mlp_dim(512)
-        .decoder_num_layers(4)
-        .decoder_num_heads(12)
-        .masking_ratio(0.75);
-  }
-  batch = 2;
-  return mae::MaskedAutoencoderOptions(1, {32, 32, 32}, {8, 8, 8})
-      .hidden_size(96)
-      .mlp_dim(192)
-      .num_layers(2)
-      .num_heads(4)
-      .decoder_hidden_size(48)
-      .decoder_mlp_dim(96)
-      .decoder_num_layers(1)
-      .decoder_num_heads(4);
-}
-
+// Models small enough that the whole check takes seconds: "tiny" (32³) everywhere, "B" (64³) where a
+// GPU makes it cheap; both are mae-bench's presets.
 constexpr uint64_t kModelSeed = 7, kMaskSeed = 11, kDataSeed = 13;
 constexpr uint64_t kOtherModelSeed = 1001, kOtherMaskSeed = 1002;  // the resumed run must not depend on these
 
@@ -323,7 +298,7 @@ int main(int argc, char** argv) {
     }
     const torch::Device device = resolve_device(s.device);
     int64_t batch = 0;
-    auto options = preset_options(s.preset, batch);
+    auto options = mae::benchmark_preset(s.preset, batch);
     if (s.batch > 0) batch = s.batch;
     if (s.lr <= 0.0) s.lr = s.preset == "B" ? 5e-4 : 2e-3;
     options.fused_attention(s.attention == "fused");
