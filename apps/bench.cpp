@@ -21,8 +21,8 @@
 #include "core/threads.h"
 #include "model/flops.h"
 #include "model/mae.h"
-#include "model/presets.h"
 #include "model/ops.h"
+#include "model/presets.h"
 #include "train/adamw.h"
 
 namespace {
@@ -89,7 +89,6 @@ struct BenchSettings {
   std::string precision = "fp32";   // fp32 | bf16 (autocast, as the trainer's train.precision)
   std::string attention = "fused";  // fused | explicit (MaskedAutoencoderOptions::fused_attention)
 };
-
 
 std::string bench_one(const std::string& name, const BenchSettings& s, double mm_gflops) {
   int64_t batch = 0;

@@ -31,8 +31,8 @@
 #include "core/printable.h"
 #include "core/threads.h"
 #include "model/mae.h"
-#include "model/presets.h"
 #include "model/ops.h"
+#include "model/presets.h"
 #include "train/adamw.h"
 
 namespace fs = std::filesystem;

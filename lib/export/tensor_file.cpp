@@ -56,7 +56,6 @@ void write_atomically(const std::string& path, const char* data, size_t size) {
   }
 }
 
-
 }  // namespace
 
 void save_tensor_dict(const NamedTensors& tensors, const std::string& path) {

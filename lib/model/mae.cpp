@@ -103,12 +103,7 @@ void MaskedAutoencoderOptions::validate() const {
 
 TransformerBlockImpl::TransformerBlockImpl(int64_t width, int64_t mlp_dim, int64_t heads, double dropout, bool qkv_bias,
                                            bool fused_attention)
-    : width_(width),
-      mlp_dim_(mlp_dim),
-      heads_(heads),
-      dropout_(dropout),
-      qkv_bias_(qkv_bias),
-      fused_(fused_attention) {
+    : width_(width), mlp_dim_(mlp_dim), heads_(heads), dropout_(dropout), qkv_bias_(qkv_bias), fused_(fused_attention) {
   reset();
 }
 

@@ -46,9 +46,7 @@ struct ShapeCase {
 };
 
 // Readable parameter in test listings (ctest shows it).
-void PrintTo(const ShapeCase& c, std::ostream* os) {
-  *os << c.dims << "D " << c.pos << " " << c.proj << " " << c.img;
-}
+void PrintTo(const ShapeCase& c, std::ostream* os) { *os << c.dims << "D " << c.pos << " " << c.proj << " " << c.img; }
 
 class ShapeTable : public ::testing::TestWithParam<ShapeCase> {
  protected:
@@ -394,7 +392,8 @@ TEST_F(Model, FlopCountMatchesHandCount) {
 // --- fused attention (LibTorch 2.x) -----------------------------------------------------------------
 
 TEST_F(Model, FusedAttentionEqualsExplicitSoftmaxPath) {
-  if (!mae::compat::kHasFusedAttention) GTEST_SKIP() << "LibTorch " TORCH_VERSION " has no scaled_dot_product_attention";
+  if (!mae::compat::kHasFusedAttention)
+    GTEST_SKIP() << "LibTorch " TORCH_VERSION " has no scaled_dot_product_attention";
   // The kernel alone, with more tokens than one SIMD block and a head width that is not a power of two.
   auto q = torch::randn({2, 3, 37, 12}), k = torch::randn({2, 3, 37, 12}), v = torch::randn({2, 3, 37, 12});
   auto fused = mae::attention(q, k, v, 0.0, /*fused=*/true);
