@@ -6,7 +6,7 @@
 
 #include "cli.h"
 #include "core/error.h"
-#include "train/config.h"
+#include "run/config.h"
 #include "train/trainer.h"
 
 #ifdef MAE3D_VALIDATION_MONTAGE
@@ -19,7 +19,7 @@
 
 #include "infer/montage.h"
 #include "infer/reconstruct.h"
-#include "train/trained_model.h"
+#include "run/trained_model.h"
 #endif
 
 namespace {
@@ -125,11 +125,15 @@ int main(int argc, char** argv) {
     }
     common.threads = config.threads;
     mae::apply_common_flags(common);
+    if (check_data) {
+      const auto report = mae::check_training_data(config);
+      std::cout << report.text() << std::flush;
+      return report.failures() > 0 ? 2 : 0;
+    }
     mae::TrainOptions options;
     options.resume = resume->count() > 0;
     options.resume_from = resume_path;
     options.dry_run = dry_run;
-    options.check_data_only = check_data;
 #ifdef MAE3D_VALIDATION_MONTAGE
     options.validation_image = [&config](const mae::MaskedAutoencoder& model, const mae::Volume& window,
                                          const std::string& name, int64_t step) {
@@ -137,6 +141,10 @@ int main(int argc, char** argv) {
     };
 #endif
     const auto result = mae::train(config, options);
+    if (result.rank != 0) {  // rank 0 tells the user; the others end with the same status
+      if (result.interrupted) return result.signal == SIGTERM ? 143 : 130;
+      return 0;
+    }
     if (result.before_training) {
       if (result.resumed_from.empty() && !options.resume) {
         std::cerr << "mae-pretrain: stopped before training started; nothing to resume" << std::endl;
@@ -146,10 +154,6 @@ int main(int argc, char** argv) {
                   << " (continue with --resume)" << std::endl;
       }
       return result.signal == SIGTERM ? 143 : 130;
-    }
-    if (check_data) {
-      std::cout << result.data_report << std::flush;
-      return result.data_failures > 0 ? 2 : 0;
     }
     if (dry_run) {
       std::cout << "dry run: config, data and model are fine" << std::endl;

@@ -4,8 +4,9 @@ if(TARGET mae_train)
   # Ctrl-C while LibTorch and ITK load is a handled stop rather than a kill (apps/launch_blocked.c).
   add_executable(mae-pretrain-main ${CMAKE_CURRENT_LIST_DIR}/pretrain.cpp)
   target_link_libraries(mae-pretrain-main PRIVATE mae_train mae_cli mae_warnings)
-  # The TensorBoard validation picture is mae-reconstruct's montage (lib/infer builds on lib/train,
-  # so the program, not the trainer, links it). Without the infer area the event files hold scalars only.
+  # The TensorBoard validation picture is mae-reconstruct's montage (lib/infer is a leaf area beside
+  # lib/train, so the program, not the trainer, links it). Without the infer area the event files
+  # hold scalars only.
   if(TARGET mae_infer)
     target_link_libraries(mae-pretrain-main PRIVATE mae_infer)
     target_compile_definitions(mae-pretrain-main PRIVATE MAE3D_VALIDATION_MONTAGE=1)

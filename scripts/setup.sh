@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build pkg-config
-  libtorch-dev libinsighttoolkit5-dev libcli11-dev libspdlog-dev nlohmann-json3-dev libgtest-dev
+  libtorch-dev libinsighttoolkit5-dev libcli11-dev libspdlog-dev nlohmann-json3-dev libgtest-dev libgloo-dev
   libopenblas0-openmp libgdcm-tools
   # tests and demo data
   python3 python3-venv python3-torch python3-numpy mricron-data python3-pydicom

@@ -9,7 +9,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -17,9 +16,9 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
-#include <thread>
 #include <vector>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "data/transforms.h"
 #include "io/io.h"
@@ -384,7 +383,6 @@ PreprocessedVolume read_cache_file(const std::string& path, uint64_t expected_ke
 }
 
 void write_cache_file(const std::string& path, uint64_t key, const PreprocessedVolume& v) {
-  static std::atomic<uint64_t> counter{0};
   const at::Tensor& x = v.volume.data;
   TORCH_CHECK(x.dim() == 4, "write_cache_file: expected (C, D, H, W), got ", x.sizes());
   const bool half = x.numel() == 0 || x.abs().max().item<double>() <= kHalfMax;
@@ -410,22 +408,12 @@ void write_cache_file(const std::string& path, uint64_t key, const PreprocessedV
   h.payload_bytes = static_cast<uint64_t>(payload.numel()) * payload.element_size();
   h.checksum = checksum(payload.data_ptr(), h.payload_bytes, checksum(&h, sizeof h, kFnvBasis));
 
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." +
-                          std::to_string(std::hash<std::thread::id>{}(std::this_thread::get_id()) % 100000) + "." +
-                          std::to_string(counter++);
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) throw IoError(tmp + ": cannot write the cache file: " + std::strerror(errno));
-  bool ok = std::fwrite(&h, sizeof h, 1, f) == 1;
-  if (ok && h.payload_bytes > 0) ok = std::fwrite(payload.data_ptr(), 1, h.payload_bytes, f) == h.payload_bytes;
-  ok = std::fflush(f) == 0 && ok;
-  ok = ::fsync(::fileno(f)) == 0 && ok;
-  ok = std::fclose(f) == 0 && ok;
-  std::error_code ec;
-  if (ok) fs::rename(tmp, path, ec);
-  if (!ok || ec) {
-    fs::remove(tmp, ec);
-    throw IoError(path + ": cannot write the cache file (disk full or read-only?)");
-  }
+  // Through a flushed temporary renamed into place, so a reader never sees half a file (and two
+  // loader threads building the same volume each write their own temporary).
+  write_file_atomically(path, [&](const ByteSink& sink) {
+    sink(&h, sizeof h);
+    if (h.payload_bytes > 0) sink(payload.data_ptr(), h.payload_bytes);
+  });
 }
 
 uint64_t voxel_hash(const at::Tensor& x) {

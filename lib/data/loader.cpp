@@ -71,9 +71,7 @@ struct Loader::Impl {
       std::mt19937_64 rng(item_seed(opt.seed ^ kEpochOrderTag, epoch, -1));
       for (int64_t i = n - 1; i > 0; --i) std::swap(order[i], order[rng() % static_cast<uint64_t>(i + 1)]);
     }
-    std::vector<int64_t> mine;
-    for (int64_t j = 0; j < vols_per_epoch; ++j) mine.push_back(order[j * opt.world_size + opt.rank]);
-    return mine;
+    return order;
   }
 
   VolumePtr volume(int64_t v) {
@@ -125,13 +123,11 @@ struct Loader::Impl {
     b.epoch = seq / bpe;
     b.index = seq % bpe;
     const std::vector<int64_t> vols = epoch_volumes(b.epoch);
-    const int64_t first = b.index * opt.batch_size;
+    const int64_t first = b.index * opt.batch_size * opt.world_size + opt.rank * opt.batch_size;
     const int64_t last = std::min(items, first + opt.batch_size);
     std::vector<at::Tensor> crops;
-    for (int64_t l = first; l < last; ++l) {
-      const int64_t j = l / config.num_samples, k = l % config.num_samples;
-      const int64_t v = vols[j];
-      const int64_t item = (j * opt.world_size + opt.rank) * config.num_samples + k;
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t v = vols[item / config.num_samples];
       VolumePtr x = volume(v);
       bool small = false;
       for (int a = 0; a < 3; ++a) small = small || x->size(a + 1) < opt.crop_size[a];
@@ -149,12 +145,12 @@ struct Loader::Impl {
     }
     for (size_t i = 1; i < crops.size(); ++i) {
       if (crops[i].size(0) != crops[0].size(0)) {
-        throw InputError(entries[b.volumes[i]].name() + " has " + std::to_string(crops[i].size(0)) +
-                         " channels, but " + entries[b.volumes[0]].name() + " has " +
-                         std::to_string(crops[0].size(0)) + "; every volume needs the same channel count");
+        throw InputError(entries[b.volumes[i]].name() + " has " + std::to_string(crops[i].size(0)) + " channels, but " +
+                         entries[b.volumes[0]].name() + " has " + std::to_string(crops[0].size(0)) +
+                         "; every volume needs the same channel count");
       }
     }
-    b.images = at::stack(crops, 0).contiguous();
+    if (!crops.empty()) b.images = at::stack(crops, 0).contiguous();
     return b;
   }
 
@@ -190,7 +186,8 @@ Loader::Loader(std::vector<DatasetEntry> entries, DataConfig config, LoaderOptio
     if (s < 1) throw ConfigError("img_size has " + std::to_string(s) + "; every crop size must be >= 1");
   }
   if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size) {
-    throw ConfigError("rank " + std::to_string(options.rank) + " is outside world_size " + std::to_string(options.world_size));
+    throw ConfigError("rank " + std::to_string(options.rank) + " is outside world_size " +
+                      std::to_string(options.world_size));
   }
   if (options.memory_cache_mb < 0) throw ConfigError("memory_cache_mb must be >= 0");
   if (config.num_samples < 1) throw ConfigError("\"data.num_samples\" must be >= 1");
@@ -198,20 +195,18 @@ Loader::Loader(std::vector<DatasetEntry> entries, DataConfig config, LoaderOptio
   if (config.prefetch < 1) throw ConfigError("\"data.prefetch\" must be >= 1");
   impl_ = std::make_unique<Impl>(std::move(entries), std::move(config), options);
   Impl& m = *impl_;
-  m.vols_per_epoch = static_cast<int64_t>(m.entries.size()) / options.world_size;
-  if (m.vols_per_epoch == 0) {
-    throw ConfigError(std::to_string(m.entries.size()) + " volumes cannot be shared by " +
-                      std::to_string(options.world_size) + " ranks; each needs at least one");
-  }
+  m.vols_per_epoch = static_cast<int64_t>(m.entries.size());
   m.items = m.vols_per_epoch * m.config.num_samples;
-  m.bpe = options.drop_last ? m.items / options.batch_size : (m.items + options.batch_size - 1) / options.batch_size;
+  const int64_t global = options.batch_size * options.world_size;
+  m.bpe = options.drop_last ? m.items / global : (m.items + global - 1) / global;
   if (m.bpe == 0) {
-    throw ConfigError("batch_size = " + std::to_string(options.batch_size) + " exceeds the " + std::to_string(m.items) +
-                      " crops an epoch holds (volumes per rank x data.num_samples)");
+    throw ConfigError("batch_size = " + std::to_string(options.batch_size) +
+                      (options.world_size > 1 ? " x " + std::to_string(options.world_size) + " ranks" : std::string()) +
+                      " exceeds the " + std::to_string(m.items) + " crops an epoch holds (volumes x data.num_samples)");
   }
   if (start.epoch < 0 || start.batch < 0 || start.batch >= m.bpe) {
-    throw ConfigError("loader position (epoch " + std::to_string(start.epoch) + ", batch " + std::to_string(start.batch) +
-                      ") is outside an epoch of " + std::to_string(m.bpe) + " batches");
+    throw ConfigError("loader position (epoch " + std::to_string(start.epoch) + ", batch " +
+                      std::to_string(start.batch) + ") is outside an epoch of " + std::to_string(m.bpe) + " batches");
   }
   m.pad = pad_value(m.config.intensity);
   m.next_claim = m.next_deliver = start.epoch * m.bpe + start.batch;
@@ -225,8 +220,7 @@ Loader::Loader(std::vector<DatasetEntry> entries, DataConfig config, LoaderOptio
     }
     m.cv_work.notify_all();
     for (auto& t : m.workers) t.join();
-    throw Error("cannot start " + std::to_string(m.config.workers) + " loader threads (\"data.workers\"): " +
-                e.what());
+    throw Error("cannot start " + std::to_string(m.config.workers) + " loader threads (\"data.workers\"): " + e.what());
   }
 }
 

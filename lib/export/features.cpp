@@ -12,7 +12,7 @@
 #include "export/monai_export.h"
 #include "export/tensor_file.h"
 #include "infer/windows.h"
-#include "train/trained_model.h"
+#include "run/trained_model.h"
 
 namespace fs = std::filesystem;
 

@@ -14,7 +14,7 @@
 #include <sstream>
 
 #include "core/error.h"
-#include "train/config.h"
+#include "run/config.h"
 
 namespace fs = std::filesystem;
 

@@ -38,7 +38,7 @@
 #include "export/axis_order.h"
 #include "export/tensor_file.h"
 #include "model/mae.h"
-#include "train/trained_model.h"
+#include "run/trained_model.h"
 
 namespace mae {
 

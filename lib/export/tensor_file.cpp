@@ -4,7 +4,6 @@
 #include <ATen/core/Dict.h>
 #include <ATen/core/ivalue.h>
 #include <caffe2/serialize/inline_container.h>
-#include <fcntl.h>
 #include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 #include <torch/csrc/jit/serialization/pickler.h>
@@ -17,46 +16,13 @@
 #include <iterator>
 #include <set>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/pickle.h"
 
 namespace fs = std::filesystem;
 
 namespace mae {
-
-namespace {
-
-// Writes bytes to `path` through a temporary file in the same folder, flushed before the rename.
-void write_atomically(const std::string& path, const char* data, size_t size) {
-  const fs::path target(path);
-  const fs::path tmp = target.parent_path() / ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()));
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw IoError(path + ": cannot write: " + std::strerror(errno));
-  size_t done = 0;
-  while (done < size) {
-    const ssize_t n = ::write(fd, data + done, size - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const std::string why = std::strerror(errno);
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw IoError(path + ": cannot write: " + why);
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    const std::string why = std::strerror(errno);
-    ::unlink(tmp.c_str());
-    throw IoError(path + ": cannot flush to disk: " + why);
-  }
-  if (::rename(tmp.c_str(), target.c_str()) != 0) {
-    const std::string why = std::strerror(errno);
-    ::unlink(tmp.c_str());
-    throw IoError(path + ": cannot rename the written file into place: " + why);
-  }
-}
-
-}  // namespace
 
 void save_tensor_dict(const NamedTensors& tensors, const std::string& path) {
   c10::Dict<std::string, at::Tensor> dict;
@@ -84,7 +50,7 @@ void save_tensor_dict(const NamedTensors& tensors, const std::string& path) {
   } catch (const c10::Error& e) {
     throw Error(path + ": cannot serialise the tensors: " + e.what_without_backtrace());
   }
-  write_atomically(path, bytes.data(), bytes.size());
+  write_file_atomically(path, [&](const ByteSink& sink) { sink(bytes.data(), bytes.size()); });
 }
 
 NamedTensors load_tensor_dict(const std::string& path) {
@@ -109,8 +75,7 @@ NamedTensors load_tensor_dict(const std::string& path) {
 }
 
 void write_json_file(const nlohmann::json& value, const std::string& path) {
-  const std::string text = value.dump(2) + "\n";
-  write_atomically(path, text.data(), text.size());
+  write_file_atomically(path, value.dump(2) + "\n");
 }
 
 std::string description_path(const std::string& pt_path) {

@@ -40,7 +40,7 @@
 
 #include "infer/montage.h"
 #include "io/volume.h"
-#include "train/trained_model.h"
+#include "run/trained_model.h"
 
 namespace mae {
 

@@ -124,14 +124,14 @@ torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x) {
   // Attention: (B, T, E) -> (3, B, heads, T, hd).
   auto qkv_t = qkv(norm_in_weight_dtype(norm1, x)).view({B, T, 3, heads_, hd}).permute({2, 0, 3, 1, 4});
   auto parts = qkv_t.unbind(0);
-  auto a = attention(parts[0], parts[1], parts[2], drop ? dropout_ : 0.0, fused_);
+  auto a = attention(parts[0], parts[1], parts[2], drop ? dropout_ : 0.0, fused_, slice_);
   auto o = out_proj(a.transpose(1, 2).reshape({B, T, width_}));
-  if (drop) o = torch::dropout(o, dropout_, true);
+  if (drop) o = dropout(o, dropout_, slice_);
   auto h = x + o;
   auto m = torch::gelu(linear1(norm_in_weight_dtype(norm2, h)));
-  if (drop) m = torch::dropout(m, dropout_, true);
+  if (drop) m = dropout(m, dropout_, slice_);
   m = linear2(m);
-  if (drop) m = torch::dropout(m, dropout_, true);
+  if (drop) m = dropout(m, dropout_, slice_);
   return h + m;
 }
 
@@ -256,8 +256,14 @@ torch::Tensor MaskedAutoencoderImpl::embed(const torch::Tensor& x, const torch::
     tokens = tokens + (visible ? position_embeddings_.squeeze(0).index_select(0, visible->flatten()).view({B, -1, E})
                                : position_embeddings_);
   }
-  if (o.dropout_rate() > 0.0 && is_training()) tokens = torch::dropout(tokens, o.dropout_rate(), true);
+  if (o.dropout_rate() > 0.0 && is_training()) tokens = dropout(tokens, o.dropout_rate(), slice_);
   return tokens;
+}
+
+void MaskedAutoencoderImpl::set_batch_slice(const BatchSlice& slice) {
+  slice_ = slice;
+  for (auto& block : blocks_) block->set_batch_slice(slice);
+  for (auto& block : decoder_blocks_) block->set_batch_slice(slice);
 }
 
 MaeOutput MaskedAutoencoderImpl::forward(const torch::Tensor& x, std::optional<double> masking_ratio,

@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "model/ops.h"
+
 namespace mae {
 
 /// Options of MaskedAutoencoder. Defaults: ViT-B encoder (768 / 3072 / 12 layers / 12 heads) and
@@ -69,6 +71,8 @@ class TransformerBlockImpl : public torch::nn::Module {
   void reset();
   /// x: (B, T, width) -> (B, T, width).
   torch::Tensor forward(const torch::Tensor& x);
+  /// Which rows of a global batch x holds (for dropout; see mae::dropout).
+  void set_batch_slice(const BatchSlice& slice) { slice_ = slice; }
 
   torch::nn::LayerNorm norm1{nullptr}, norm2{nullptr};   ///< pre-norms of attention and MLP
   torch::nn::Linear qkv{nullptr}, out_proj{nullptr};     ///< fused q,k,v projection and output projection
@@ -78,6 +82,7 @@ class TransformerBlockImpl : public torch::nn::Module {
   int64_t width_, mlp_dim_, heads_;
   double dropout_;
   bool qkv_bias_, fused_;
+  BatchSlice slice_;
 };
 TORCH_MODULE(TransformerBlock);
 
@@ -117,6 +122,12 @@ class MaskedAutoencoderImpl : public torch::nn::Module {
   /// The options the model was built with.
   const MaskedAutoencoderOptions& options() const { return options_; }
 
+  /// Declares that the following forward passes compute rows slice.offset .. of a batch of
+  /// slice.global rows (data-parallel training: this rank's share of the global batch), so that
+  /// every dropout draws its noise for the whole batch and keeps this slice's rows (mae::dropout):
+  /// N ranks then compute exactly what one process computes on the whole batch. {} = whole batches.
+  void set_batch_slice(const BatchSlice& slice);
+
   /// Prints the options.
   void pretty_print(std::ostream& stream) const override;
 
@@ -125,6 +136,7 @@ class MaskedAutoencoderImpl : public torch::nn::Module {
   void check_input(const torch::Tensor& x) const;
 
   MaskedAutoencoderOptions options_;
+  BatchSlice slice_;
   torch::Tensor cls_token_, mask_tokens_, position_embeddings_, decoder_pos_embedding_;
   torch::nn::Module* patch_module_ = nullptr;  // owned through registered submodules
   torch::Tensor proj_weight_, proj_bias_;      // conv weight (E, C, p...) or Linear (E, P)

@@ -138,11 +138,27 @@ at::Tensor mask_from_visible(const at::Tensor& visible, int64_t n) {
   return mask.scatter_(1, visible, 0.0);
 }
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p, bool fused) {
-  if (fused && compat::kHasFusedAttention) return compat::fused_attention(q, k, v, dropout_p);
+at::Tensor dropout(const at::Tensor& x, double p, const BatchSlice& slice) {
+  if (p <= 0.0) return x;
+  if (p >= 1.0) return x * 0.0;
+  const int64_t rows = x.size(0);
+  const int64_t global = slice.global > 0 ? slice.global : rows;
+  TORCH_CHECK(slice.offset >= 0 && slice.offset + rows <= global, "dropout: rows ", slice.offset, "..",
+              slice.offset + rows - 1, " are outside a batch of ", global);
+  auto shape = x.sizes().vec();
+  shape[0] = global;
+  // Drawn in float32 whatever x's dtype (autocast may hand bfloat16), so the noise never depends on it.
+  auto keep = at::empty(shape, x.options().dtype(at::kFloat)).bernoulli_(1.0 - p);
+  if (global != rows) keep = keep.narrow(0, slice.offset, rows);
+  return x * keep.div_(1.0 - p).to(x.scalar_type());
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p, bool fused,
+                     const BatchSlice& slice) {
+  if (fused && compat::kHasFusedAttention && dropout_p <= 0.0) return compat::fused_attention(q, k, v, 0.0);
   auto att = at::matmul(q, k.transpose(-2, -1)).mul_(1.0 / std::sqrt(static_cast<double>(q.size(-1))));
   att = at::softmax(att, -1);
-  if (dropout_p > 0.0) att = at::dropout(att, dropout_p, /*train=*/true);
+  if (dropout_p > 0.0) att = dropout(att, dropout_p, slice);
   return at::matmul(att, v);
 }
 

@@ -47,11 +47,26 @@ at::Tensor draw_visible(int64_t batch, int64_t n, double masking_ratio, std::opt
 /// Mask (B, N) with 1 = masked, 0 = visible, from the visible indices (B, keep).
 at::Tensor mask_from_visible(const at::Tensor& visible, int64_t n);
 
+/// The rows of a global batch that a forward pass computes: with data-parallel training rank r holds
+/// rows offset .. offset + B - 1 of a batch of `global` rows. global = 0: the batch is whole.
+struct BatchSlice {
+  int64_t global = 0;  ///< rows of the whole batch, 0 = the tensor's own batch
+  int64_t offset = 0;  ///< first row of this slice
+};
+
+/// Inverted dropout x * bernoulli(1 - p) / (1 - p), the noise drawn from the global generator (of
+/// x's device) for the WHOLE batch of `slice` (shape (global, x.sizes()[1:])) and then cut to this
+/// slice's rows: N ranks holding slices of one batch draw exactly the noise one process draws for
+/// it, and all ranks keep their generators in step. p in [0, 1]; p = 1 gives zeros.
+at::Tensor dropout(const at::Tensor& x, double p, const BatchSlice& slice = {});
+
 /// Multi-head softmax attention softmax(q k^T / sqrt(d)) v for q, k, v (B, heads, T, d), with dropout
 /// dropout_p on the attention weights (0 in evaluation). fused: LibTorch's
-/// at::scaled_dot_product_attention where this LibTorch has it (2.x), else the explicit matmul-softmax
-/// path (always used on 1.13). Both compute the same function within float rounding.
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p, bool fused);
+/// at::scaled_dot_product_attention where this LibTorch has it (2.x) and dropout_p is 0, else the
+/// explicit matmul-softmax path (always used on 1.13, and for dropout, which goes through
+/// mae::dropout with `slice`). Both compute the same function within float rounding.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p, bool fused,
+                     const BatchSlice& slice = {});
 
 /// Mean squared error per patch, averaged over masked patches only.
 /// pred, target: (B, N, P); mask: (B, N), 1 = masked. With norm_pix, each target patch is first

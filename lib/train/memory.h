@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <string>
 
-#include "train/config.h"
+#include "run/config.h"
 
 namespace mae {
 

@@ -15,7 +15,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 
+#include "core/atomic_file.h"
 #include "core/compat.h"
 #include "core/error.h"
 #include "core/threads.h"
@@ -27,6 +29,7 @@
 #include "model/ops.h"
 #include "train/adamw.h"
 #include "train/checkpoint.h"
+#include "train/distributed.h"
 #include "train/memory.h"
 #include "train/progress.h"
 #include "train/schedule.h"
@@ -50,22 +53,28 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// Seeds of the run's random streams, derived from the config seed.
+// Seeds of the run's random mask streams, derived from the config seed; a sample's mask is drawn
+// from item_seed(stream, epoch, item) of its data item, so it is the same on any number of ranks.
 uint64_t mask_seed(uint64_t seed) { return seed * 0x9E3779B97F4A7C15ULL + 0x6D61736BULL; }
 uint64_t val_mask_seed(uint64_t seed) { return seed * 0x9E3779B97F4A7C15ULL + 0x76616C6DULL; }
 
-torch::Device resolve_device(const std::string& name) {
+torch::Device resolve_device(const std::string& name, const DistributedEnv& env) {
   if (name == "cpu") return torch::kCPU;
-  if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
-  if (!torch::cuda::is_available()) {
+  const bool cuda = torch::cuda::is_available();
+  if (name == "auto" && !cuda) return torch::kCPU;
+  if (name != "auto" && !cuda) {
     throw ConfigError(
         "\"device\" = \"" + name +
         "\": CUDA is not available (this LibTorch has no CUDA support or no GPU is visible); use \"cpu\"");
   }
-  torch::Device d(name);
+  torch::Device d(name == "auto" ? std::string("cuda") : name);
+  // Several ranks on one node: each takes the GPU of its LOCAL_RANK unless the config names one.
+  if (!d.has_index() && env.distributed())
+    d = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
   if (d.has_index() && d.index() >= static_cast<int>(torch::cuda::device_count())) {
-    throw ConfigError("\"device\" = \"" + name + "\": only " + std::to_string(torch::cuda::device_count()) +
-                      " CUDA device(s) are visible");
+    throw ConfigError("\"device\" = \"" + name + "\": device " + d.str() + " is asked for but only " +
+                      std::to_string(torch::cuda::device_count()) + " CUDA device(s) are visible" +
+                      (env.distributed() ? " (LOCAL_RANK " + std::to_string(env.local_rank) + ")" : std::string()));
   }
   return d;
 }
@@ -92,17 +101,12 @@ void truncate_metrics(const fs::path& file, int64_t step) {
     }
   }
   in.close();
-  const fs::path tmp = file.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << kept;
-    if (!out) throw IoError(tmp.string() + ": cannot write");
-  }
-  fs::rename(tmp, file);
+  write_file_atomically(file.string(), kept);
 }
 
-// Console logging, plus <run_dir>/train.log when given (never for a dry run or data check).
-void setup_logging(const std::optional<fs::path>& run_dir) {
+// Console logging, plus <run_dir>/train.log when given (never for a dry run or data check). Ranks
+// other than 0 log warnings and errors only, prefixed with their rank.
+void setup_logging(const std::optional<fs::path>& run_dir, int rank, int world_size) {
   auto console = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
   std::vector<spdlog::sink_ptr> sinks{console};
   if (run_dir) {
@@ -116,7 +120,8 @@ void setup_logging(const std::optional<fs::path>& run_dir) {
     sinks.push_back(file);
   }
   auto logger = std::make_shared<spdlog::logger>("mae3d", sinks.begin(), sinks.end());
-  logger->set_level(spdlog::get_level());
+  logger->set_level(rank == 0 ? spdlog::get_level() : std::max(spdlog::get_level(), spdlog::level::warn));
+  if (world_size > 1) logger->set_pattern("[%H:%M:%S.%e] [rank " + std::to_string(rank) + "] [%^%l%$] %v");
   logger->flush_on(spdlog::level::info);
   spdlog::set_default_logger(logger);
 }
@@ -126,23 +131,33 @@ struct RunData {
   DataConfig config;
 };
 
-// The pre-flight check. With `report_only` the caller gets the report (for --check-data) and no
-// training lists; otherwise bad volumes are logged and refused or skipped per on_bad_volume.
-RunData prepare_data(const Config& config, bool report_only, CheckReport* checked) {
-  RunData d;
-  d.config = config.data;
-  if (d.config.cache_dir.empty()) d.config.cache_dir = default_cache_dir();
-  auto split = split_validation(read_dataset(d.config.dataset), d.config.val_fraction, config.seed);
+DataConfig resolved_data_config(const Config& config) {
+  DataConfig d = config.data;
+  if (d.cache_dir.empty()) d.cache_dir = default_cache_dir();
+  return d;
+}
+
+// The training and validation lists of the config, all of them (the pre-flight decides which stay).
+DatasetSplit split_of(const Config& config) {
+  return split_validation(read_dataset(config.data.dataset), config.data.val_fraction, config.seed);
+}
+
+CheckReport run_check(const DatasetSplit& split, const DataConfig& data) {
   std::vector<DatasetEntry> all = split.training;
   all.insert(all.end(), split.validation.begin(), split.validation.end());
   spdlog::info("pre-flight check of {} volume(s) ({} training, {} validation), cache {}", all.size(),
-               split.training.size(), split.validation.size(), d.config.cache_dir);
-  const auto report = check_data(all, d.config);
+               split.training.size(), split.validation.size(), data.cache_dir);
+  const auto report = check_data(all, data);
   for (const auto& v : report.volumes) spdlog::debug("{}", v.line());
-  if (report_only) {
-    *checked = report;
-    return d;
-  }
+  return report;
+}
+
+// The pre-flight check: bad volumes are logged and refused or skipped per on_bad_volume.
+RunData prepare_data(const Config& config) {
+  RunData d;
+  d.config = resolved_data_config(config);
+  const auto split = split_of(config);
+  const auto report = run_check(split, d.config);
   spdlog::info("{}", report.summary());
   if (report.failures() > 0 && d.config.on_bad_volume != "skip") {
     for (const auto& v : report.volumes)
@@ -165,35 +180,6 @@ RunData prepare_data(const Config& config, bool report_only, CheckReport* checke
   return d;
 }
 
-double validate(MaskedAutoencoder& model, const RunData& data, const Config& config, const torch::Device& device,
-                bool bf16) {
-  DataConfig vcfg = data.config;
-  vcfg.flip_prob = 0.0;
-  LoaderOptions lo;
-  lo.crop_size = {config.model.img_size[0], config.model.img_size[1], config.model.img_size[2]};
-  lo.batch_size = config.train.batch_size;
-  lo.seed = config.seed + 1;
-  lo.shuffle = false;
-  lo.drop_last = false;
-  Loader loader(data.val, vcfg, lo);
-  auto gen = at::detail::createCPUGenerator(val_mask_seed(config.seed));
-  torch::NoGradGuard no_grad;
-  model->eval();
-  double sum = 0.0;
-  int64_t count = 0;
-  for (int64_t b = 0; b < loader.batches_per_epoch(); ++b) {
-    auto batch = loader.next();
-    auto x = batch.images.to(device);
-    compat::AutocastScope autocast(bf16, device.type());
-    auto out = model->forward(x, std::nullopt, gen);
-    auto loss = masked_mse_loss(out.pred.to(torch::kFloat), model->target(x), out.mask, config.model.norm_pix_loss);
-    sum += loss.item<double>() * static_cast<double>(x.size(0));
-    count += x.size(0);
-  }
-  model->train();
-  return count > 0 ? sum / static_cast<double>(count) : std::nan("");
-}
-
 // The window TensorBoard's validation picture shows: the centre crop of model.img_size of `entry`
 // (padded as the loader pads a small volume), its origin moved so every voxel keeps its position.
 Volume validation_window(const DatasetEntry& entry, const DataConfig& data, const Config& config) {
@@ -214,6 +200,19 @@ Volume validation_window(const DatasetEntry& entry, const DataConfig& data, cons
   for (int i = 0; i < 3; ++i)
     for (int j = 0; j < 3; ++j) v.origin[i] += v.direction[i * 3 + j] * v.spacing[j] * index_xyz[j];
   return v;
+}
+
+// Visible patches of every crop of `batch`: each drawn from its own stream
+// item_seed(stream, epoch, item), so a sample's mask does not depend on the batch it is in, on the
+// rank that holds it or on the number of ranks.
+at::Tensor draw_batch_visible(const Batch& batch, uint64_t stream, int64_t num_patches, double ratio) {
+  std::vector<at::Tensor> rows;
+  rows.reserve(batch.items.size());
+  for (const int64_t item : batch.items) {
+    auto gen = at::detail::createCPUGenerator(item_seed(stream, batch.epoch, item));
+    rows.push_back(draw_visible(1, num_patches, ratio, gen));
+  }
+  return at::cat(rows, 0);
 }
 
 }  // namespace
@@ -241,24 +240,138 @@ void install_stop_signal_handlers() {
   sigprocmask(SIG_UNBLOCK, &set, nullptr);
 }
 
-TrainResult train(const Config& config, const TrainOptions& options) {
+CheckReport check_training_data(const Config& config) {
+  set_threads(config.threads);
+  setup_logging(std::nullopt, 0, 1);
+  return run_check(split_of(config), resolved_data_config(config));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trainer
+
+struct Trainer::Impl {
+  const Config config;
+  const TrainOptions options;
   TrainResult result;
-  // Stopped before anything started (a signal during start-up): nothing to do, nothing written.
-  auto stopped_before_training = [&](int sig) {
-    result.interrupted = true;
-    result.before_training = true;
-    result.signal = sig;
-    return result;
-  };
-  if (const int sig = g_stop_signal.load()) return stopped_before_training(sig);
-  const int threads = set_threads(config.threads);
-  const torch::Device device = resolve_device(config.device);
-  const fs::path run_dir(config.output.dir);
-  // A dry run and a data check only read: no folder, log, config.json or lock is written.
-  const bool writes = !options.dry_run && !options.check_data_only;
-  if (!options.check_data_only && device.is_cpu()) check_training_memory(config, physical_memory_bytes());
+
+  // Where and how: device, threads, the process group when distributed.
+  DistributedEnv env;
+  std::unique_ptr<ProcessGroup> group;
+  std::string collective;  // the collective in progress, named in failure messages
+  int rank = 0, world = 1;
+  bool main = true;    // rank 0: the one that writes
+  bool writes = true;  // main and not a dry run
+  int threads = 1;
+  torch::Device device{torch::kCPU};
+  fs::path run_dir;
   std::optional<RunLock> run_lock;
-  if (writes) {
+
+  // The checkpoint this start resumes.
+  CheckpointReadLock resume_lock;
+  std::string resume_dir;
+  CheckpointInfo resumed;
+
+  RunData data;
+  MaskedAutoencoder model{nullptr};
+  std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>> groups;
+  std::unique_ptr<AdamW> optimizer;
+  std::unique_ptr<GradientSync> sync;
+  LoaderOptions lo;
+  std::unique_ptr<Loader> loader;
+
+  // Schedule.
+  int64_t accum = 1, total = 0, effective_batch = 0, val_every = 0;
+  double peak = 0.0;
+  bool bf16 = false;
+
+  // Position and counters (TrainerState).
+  int64_t step = 0, skipped = 0, start_step = 0, last_saved_step = -1;
+  double smoothed = std::nan("");
+  std::optional<double> best_val;
+  LoaderPosition position;
+  std::string run_id;
+  bool abandon_pending = false;
+  int stop_agreed = 0;  // distributed: a stop every rank agreed on (signal number)
+  bool stopped_in_setup = false;
+
+  // Outputs (rank 0).
+  fs::path metrics_path;
+  std::ofstream metrics;
+  std::optional<EventWriter> events;
+  std::optional<Volume> val_window;
+  std::optional<Progress> progress;
+
+  Impl(const Config& c, const TrainOptions& o) : config(c), options(o) {}
+
+  // Runs a collective (or store exchange) named `what`; a failure becomes one line naming the
+  // rank(s) lost.
+  template <class F>
+  void exchange(const std::string& what, F&& f) {
+    collective = what;
+    f();
+    collective.clear();
+  }
+
+  // ----- set-up -----
+
+  void setup() {
+    threads = set_threads(config.threads);
+    env = read_distributed_env();
+    rank = env.rank;
+    world = env.world_size;
+    main = rank == 0;
+    writes = main && !options.dry_run;
+    result.rank = rank;
+    result.world_size = world;
+    device = resolve_device(config.device, env);
+    run_dir = config.output.dir;
+    if (device.is_cpu()) check_training_memory(config, physical_memory_bytes());
+    if (env.distributed()) setup_group();
+    setup_run_folder();
+    setup_resume();
+    if (g_stop_signal.load() && !env.distributed()) {
+      stopped_in_setup = true;
+      return;
+    }
+    try {
+      data = prepare_data(config);
+    } catch (const InputError& e) {
+      // Ctrl-C during the pre-flight: the user asked to stop, which wins over what the check found.
+      if (g_stop_signal.load() == 0 || env.distributed()) throw;
+      spdlog::warn("{}", e.what());
+      stopped_in_setup = true;
+      return;
+    }
+    if (g_stop_signal.load() && !env.distributed()) {
+      stopped_in_setup = true;
+      return;
+    }
+    build_model();
+    setup_loader_and_state();
+    log_summary();
+  }
+
+  void setup_group() {
+    std::string backend = config.distributed.backend;
+    if (backend == "auto") backend = device.is_cuda() ? "nccl" : "gloo";
+    if (backend == "gloo" && device.is_cuda()) {
+      throw ConfigError("\"distributed.backend\" = \"gloo\" with a CUDA device: use \"nccl\" (or \"auto\")");
+    }
+    const auto timeout = std::chrono::milliseconds(config.distributed.timeout_s * 1000);
+    setup_logging(std::nullopt, rank, world);  // rank-prefixed console until the run folder exists
+    group = std::make_unique<ProcessGroup>(env, backend, timeout);
+    exchange("the config comparison", [&] { group->check_same_config(config_to_json(config), {"threads"}); });
+    if (main) {
+      spdlog::info("distributed: {} ranks ({} backend, rendezvous {}:{} from {}), timeout {} s", world, backend,
+                   env.master_addr, env.master_port, env.source, config.distributed.timeout_s);
+    }
+  }
+
+  void setup_run_folder() {
+    if (!writes) {
+      setup_logging(std::nullopt, rank, world);
+      return;
+    }
     std::error_code ec;
     fs::create_directories(run_dir, ec);
     if (ec || !fs::is_directory(run_dir)) {
@@ -267,28 +380,39 @@ TrainResult train(const Config& config, const TrainOptions& options) {
     }
     if (::access(run_dir.c_str(), W_OK) != 0) throw IoError(run_dir.string() + ": the run folder is not writable");
     run_lock.emplace(run_dir.string());  // ConfigError naming the holder when another process trains here
-    setup_logging(run_dir);
+    setup_logging(run_dir, rank, world);
     remove_partial_checkpoints(run_dir.string());  // folders of writes a crash interrupted
-  } else {
-    setup_logging(std::nullopt);
   }
 
-  // Checkpoint to continue from, if any.
-  CheckpointReadLock resume_lock;
-  std::string resume_dir;
-  if (options.resume) {
-    resume_lock = lock_checkpoint(options.resume_from.empty() ? run_dir.string() : options.resume_from);
-    resume_dir = resume_lock.dir();
-  } else if (!options.check_data_only && !options.dry_run && !latest_checkpoint(run_dir.string()).empty()) {
-    throw ConfigError("\"output.dir\" = \"" + run_dir.string() +
-                      "\" already holds checkpoints; pass --resume to continue that run or choose another output.dir");
-  }
-  CheckpointInfo resumed;
-  if (!resume_dir.empty()) {
+  // Finds and checks the checkpoint to continue from. Distributed: rank 0 resolves it and tells
+  // the others, so that all read the same one.
+  void setup_resume() {
+    if (main) {
+      if (options.resume) {
+        resume_lock = lock_checkpoint(options.resume_from.empty() ? run_dir.string() : options.resume_from);
+        resume_dir = resume_lock.dir();
+      } else if (!options.dry_run && !latest_checkpoint(run_dir.string()).empty()) {
+        throw ConfigError("\"output.dir\" = \"" + run_dir.string() +
+                          "\" already holds checkpoints; pass --resume to continue that run or choose another "
+                          "output.dir");
+      }
+    }
+    if (group) {
+      std::string dir;
+      exchange("the start-up exchange", [&] {
+        if (main) group->store_set("mae3d/resume_dir", resume_dir.empty() ? "-" : resume_dir);
+        dir = group->store_get("mae3d/resume_dir");
+      });
+      if (!main && dir != "-") {
+        resume_lock = lock_checkpoint(dir);
+        resume_dir = resume_lock.dir();
+      }
+    }
+    if (resume_dir.empty()) return;
     resumed = read_checkpoint_info(resume_dir);
     // Another run's checkpoint resumed into a folder holding a run would mix the two (and abandon
     // the folder's own later checkpoints): refused. Into an empty folder, the run continues there.
-    const std::string own = run_id_of(run_dir.string());
+    const std::string own = main ? run_id_of(run_dir.string()) : std::string();
     if (!own.empty() && own != resumed.run_id) {
       throw CheckpointError(resume_dir + ": is a checkpoint of run " + resumed.run_id + ", but \"output.dir\" = \"" +
                             run_dir.string() + "\" holds run " + own +
@@ -317,55 +441,80 @@ TrainResult train(const Config& config, const TrainOptions& options) {
     }
   }
 
-  CheckReport checked;
-  RunData data;
-  try {
-    data = prepare_data(config, options.check_data_only, &checked);
-  } catch (const InputError& e) {
-    // Ctrl-C during the pre-flight: the user asked to stop, which wins over what the check found.
-    const int sig = g_stop_signal.load();
-    if (sig == 0 || options.check_data_only) throw;
-    spdlog::warn("{}", e.what());
-    return stopped_before_training(sig);
+  void build_model() {
+    torch::manual_seed(config.seed);
+    model = MaskedAutoencoder(model_options_from(config.model));
+    model->to(device);
+    model->train();
+    groups = decay_groups(*model);
+    optimizer = std::make_unique<AdamW>(
+        std::vector<AdamWGroup>{{groups.first, config.train.weight_decay}, {groups.second, 0.0}},
+        AdamWOptions{0.0, config.train.beta1, config.train.beta2, 1e-8});
   }
-  if (options.check_data_only) {
-    result.data_failures = checked.failures();
-    result.data_report = checked.text();
-    return result;
+
+  // Rank 0's weights (and buffers) on every rank.
+  void broadcast_model() {
+    if (!group) return;
+    std::vector<at::Tensor> tensors;
+    for (const auto& p : model->parameters()) tensors.push_back(p.detach());
+    for (const auto& b : model->buffers()) tensors.push_back(b.detach());
+    torch::NoGradGuard no_grad;
+    exchange("the weight broadcast", [&] { group->broadcast(tensors, 0); });
   }
-  if (const int sig = g_stop_signal.load()) return stopped_before_training(sig);  // during the pre-flight
 
-  torch::manual_seed(config.seed);
-  MaskedAutoencoder model(model_options_from(config.model));
-  model->to(device);
-  model->train();
-  auto groups = decay_groups(*model);
-  AdamW optimizer({{groups.first, config.train.weight_decay}, {groups.second, 0.0}},
-                  AdamWOptions{0.0, config.train.beta1, config.train.beta2, 1e-8});
+  void setup_loader_and_state() {
+    lo.crop_size = {config.model.img_size[0], config.model.img_size[1], config.model.img_size[2]};
+    lo.batch_size = config.train.batch_size;
+    lo.seed = config.seed;
+    lo.rank = rank;
+    lo.world_size = world;
+    accum = config.train.grad_accum_steps;
+    LoaderPosition start;
+    broadcast_model();
+    if (!resume_dir.empty()) start = restore();
+    run_id = resume_dir.empty() ? new_run_id() : resumed.run_id;
+    loader = std::make_unique<Loader>(data.train, data.config, lo, start);
+    total = config.train.max_steps > 0
+                ? config.train.max_steps
+                : std::max<int64_t>(1, config.train.epochs * loader->batches_per_epoch() / accum);
+    effective_batch = config.train.batch_size * accum * world;
+    peak = config.train.lr ? *config.train.lr : scaled_lr(config.train.base_lr, effective_batch);
+    bf16 = config.train.precision == "bf16";
+    val_every = config.train.val_every > 0 ? config.train.val_every : config.train.checkpoint_every;
+    if (group) {
+      std::vector<at::Tensor> params;
+      for (const auto* g : {&groups.first, &groups.second})
+        for (const auto& t : *g) params.push_back(t);
+      sync = std::make_unique<GradientSync>(*group, params,
+                                            static_cast<int64_t>(config.distributed.bucket_mb * 1024.0 * 1024.0),
+                                            config.distributed.overlap);
+    }
+    start_step = step;
+    last_saved_step = resume_dir.empty() ? -1 : step;
+    // Checkpoints after the resumed step belong to the abandoned continuation: removed once this
+    // start's first checkpoint is safely written (and `latest` names it), never before.
+    abandon_pending = !resume_dir.empty();
+    position = loader->position();
+  }
 
-  LoaderOptions lo;
-  lo.crop_size = {config.model.img_size[0], config.model.img_size[1], config.model.img_size[2]};
-  lo.batch_size = config.train.batch_size;
-  lo.seed = config.seed;
-  LoaderPosition start;
-  int64_t step = 0, skipped = 0;
-  double smoothed = std::nan("");
-  std::optional<double> best_val;
-  auto mask_gen = at::detail::createCPUGenerator(mask_seed(config.seed));
-  const int64_t accum = config.train.grad_accum_steps;
-  if (!resume_dir.empty()) {
+  // Loads the resumed checkpoint's weights, optimizer, generators and position; returns where the
+  // loader starts. A checkpoint of another number of ranks continues with this one's global batch.
+  LoaderPosition restore() {
     const auto& s = resumed.trainer_state;
     const std::string state_file = resume_dir + "/trainer_state.json";
     step = s.step;
     skipped = s.nonfinite_skipped;
-    start.epoch = s.loader_epoch;
-    start.batch = s.loader_batch;
+    LoaderPosition start{s.loader_epoch, s.loader_batch};
     // The loader position must be one this step count can reach: every optimizer step read accum
-    // batches, every skipped one between 1 and accum.
-    const int64_t per_epoch = Loader(data.train, data.config, lo).batches_per_epoch();
-    if (start.batch >= per_epoch) {
+    // batches, every skipped one between 1 and accum (batches of the checkpoint's global size).
+    const int64_t items = static_cast<int64_t>(data.train.size()) * data.config.num_samples;
+    const int64_t saved_world = s.world_size;
+    const int64_t saved_global = (s.batch_size > 0 ? s.batch_size : config.train.batch_size) * saved_world;
+    const int64_t per_epoch = items / saved_global;
+    if (per_epoch < 1 || start.batch >= per_epoch) {
       throw CheckpointError(state_file + ": \"loader_batch\" = " + std::to_string(start.batch) +
-                            " is outside an epoch of " + std::to_string(per_epoch) + " batches");
+                            " is outside an epoch of " + std::to_string(per_epoch) + " batches of " +
+                            std::to_string(saved_global) + " crops");
     }
     const __int128 read = static_cast<__int128>(start.epoch) * per_epoch + start.batch;
     const __int128 least = static_cast<__int128>(step) * accum + skipped;
@@ -377,20 +526,41 @@ TrainResult train(const Config& config, const TrainOptions& options) {
                             std::to_string(per_epoch) + " batches per epoch and " + std::to_string(accum) +
                             " per step");
     }
+    const int64_t global = config.train.batch_size * world;
+    if (saved_world != world) {
+      // The data order of an epoch does not depend on the batch: continue at the first batch of the
+      // new size that starts at or before the first crop not yet seen (up to global - 1 crops are
+      // seen a second time).
+      const int64_t crop = start.batch * saved_global;
+      LoaderPosition moved{start.epoch, crop / global};
+      if (moved.batch >= items / global) moved = {start.epoch + 1, 0};
+      const double old_lr = config.train.lr ? *config.train.lr : scaled_lr(config.train.base_lr, saved_global * accum);
+      const double new_lr = config.train.lr ? *config.train.lr : scaled_lr(config.train.base_lr, global * accum);
+      if (main) {
+        spdlog::warn(
+            "{}: written by {} rank(s), resumed on {}: the global batch is {} crops instead of {}, the peak learning "
+            "rate {:.3g} instead of {:.3g}{}; the data continue at crop {} of epoch {} (batch {}); losses will not "
+            "equal an uninterrupted {}-rank run",
+            resume_dir, saved_world, world, global, saved_global, new_lr, old_lr,
+            config.train.max_steps > 0 ? "" : ", and the step count follows the new batches per epoch", crop,
+            start.epoch, moved.batch, saved_world);
+      }
+      start = moved;
+    }
     smoothed = s.smoothed_loss ? *s.smoothed_loss : std::nan("");
     best_val = s.best_val_loss;
     load_model(resume_dir, *model, resumed);
     std::map<const void*, std::string> names;
     for (const auto& p : model->named_parameters()) names[p.value().unsafeGetTensorImpl()] = p.key();
     std::vector<std::pair<std::string, at::Tensor>> params;
-    for (const auto* group : {&groups.first, &groups.second}) {
-      for (const auto& t : *group) params.emplace_back(names[t.unsafeGetTensorImpl()], t);
+    for (const auto* g : {&groups.first, &groups.second}) {
+      for (const auto& t : *g) params.emplace_back(names[t.unsafeGetTensorImpl()], t);
     }
-    load_optimizer(resume_dir, optimizer, params, resumed);
+    load_optimizer(resume_dir, *optimizer, params, resumed);
     const auto rng = load_rng(resume_dir, resumed);
     const std::string rng_file = resume_dir + "/rng.pt";
-    auto global = at::detail::getDefaultCPUGenerator();
-    auto restore = [&](at::Generator& gen, const char* key) {
+    auto global_gen = at::detail::getDefaultCPUGenerator();
+    auto restore_gen = [&](at::Generator& gen, const char* key) {
       const auto it = rng.find(key);
       if (it == rng.end()) throw CheckpointError(rng_file + ": the \"" + std::string(key) + "\" state is missing");
       try {
@@ -399,84 +569,70 @@ TrainResult train(const Config& config, const TrainOptions& options) {
         throw CheckpointError(rng_file + ": the \"" + std::string(key) + "\" state is damaged");
       }
     };
-    restore(mask_gen, "mask");
-    restore(global, "global_cpu");
+    restore_gen(global_gen, "global_cpu");
     if (device.is_cuda() && rng.count("cuda")) {
       auto cuda = at::globalContext().defaultGenerator(device);
-      restore(cuda, "cuda");
+      restore_gen(cuda, "cuda");
     }
+    broadcast_model();      // every rank read the same file; rank 0's copy is the one that counts
     resume_lock.release();  // everything is in memory; pruning may delete the folder later
     result.resumed_from = resume_dir;
-  }
-  const std::string run_id = resume_dir.empty() ? new_run_id() : resumed.run_id;
-  Loader loader(data.train, data.config, lo, start);
-  const int64_t total = config.train.max_steps > 0
-                            ? config.train.max_steps
-                            : std::max<int64_t>(1, config.train.epochs * loader.batches_per_epoch() / accum);
-  const int64_t effective_batch = config.train.batch_size * accum;
-  const double peak = config.train.lr ? *config.train.lr : scaled_lr(config.train.base_lr, effective_batch);
-  const bool bf16 = config.train.precision == "bf16";
-  const int64_t val_every = config.train.val_every > 0 ? config.train.val_every : config.train.checkpoint_every;
-
-  const auto estimate = estimate_training_memory(config);
-  spdlog::info(
-      "model: {:.2f} M parameters, {} patches of {} voxels, {} visible; device {}, {} threads; a step needs about "
-      "{} (estimate){}",
-      [&] {
-        double n = 0;
-        for (const auto& p : model->parameters()) n += static_cast<double>(p.numel());
-        return n / 1e6;
-      }(),
-      model->options().num_patches(), model->options().patch_dim(),
-      num_visible(model->options().num_patches(), config.model.masking_ratio), device.str(), threads,
-      format_bytes(estimate.total), device.is_cpu() ? " of " + format_bytes(physical_memory_bytes()) : "");
-  spdlog::info(
-      "data: {} training and {} validation volume(s), {} batch(es) per epoch; lr {:.3g} (effective batch {}), "
-      "{} steps{}",
-      data.train.size(), data.val.size(), loader.batches_per_epoch(), peak, effective_batch, total,
-      resume_dir.empty() ? "" : ", resuming from " + resume_dir + " at step " + std::to_string(step));
-  if (options.dry_run) {
-    result.step = step;
-    return result;
+    return start;
   }
 
-  // The resolved config and the run id, written once per start.
-  {
-    const auto resolved = config_to_json(config);
-    std::ofstream out(run_dir / "config.json", std::ios::trunc);
-    out << resolved.dump(2) << "\n";
-    if (!out) throw IoError((run_dir / "config.json").string() + ": cannot write");
-    std::ofstream id(run_dir / "run_id", std::ios::trunc);
-    id << run_id << "\n";
-    if (!id) throw IoError((run_dir / "run_id").string() + ": cannot write");
+  void log_summary() {
+    const auto estimate = estimate_training_memory(config);
+    spdlog::info(
+        "model: {:.2f} M parameters, {} patches of {} voxels, {} visible; device {}, {} threads; a step needs about "
+        "{} (estimate){}",
+        [&] {
+          double n = 0;
+          for (const auto& p : model->parameters()) n += static_cast<double>(p.numel());
+          return n / 1e6;
+        }(),
+        model->options().num_patches(), model->options().patch_dim(),
+        num_visible(model->options().num_patches(), config.model.masking_ratio), device.str(), threads,
+        format_bytes(estimate.total), device.is_cpu() ? " of " + format_bytes(physical_memory_bytes()) : "");
+    spdlog::info(
+        "data: {} training and {} validation volume(s), {} batch(es) per epoch; lr {:.3g} (effective batch {}{}), "
+        "{} steps{}",
+        data.train.size(), data.val.size(), loader->batches_per_epoch(), peak, effective_batch,
+        world > 1 ? " over " + std::to_string(world) + " ranks" : std::string(), total,
+        resume_dir.empty() ? "" : ", resuming from " + resume_dir + " at step " + std::to_string(step));
   }
 
-  const fs::path metrics_path = run_dir / "metrics.jsonl";
-  if (resume_dir.empty()) {
-    std::ofstream(metrics_path, std::ios::trunc);
-  } else {
-    truncate_metrics(metrics_path, step);
-  }
-  std::ofstream metrics(metrics_path, std::ios::app);
-  if (!metrics) throw IoError(metrics_path.string() + ": cannot open for writing");
-  // TensorBoard: existing event files are cut back to this start's step like metrics.jsonl (also
-  // with output.tensorboard off, so the folder's curves never disagree), then a new file is begun.
-  const auto cut = truncate_events(run_dir.string(), step);
-  if (cut.records_removed > 0 || !cut.files_removed.empty()) {
-    spdlog::info("TensorBoard event files: {} record(s) after step {} removed, {} file(s) without data deleted",
-                 cut.records_removed, step, cut.files_removed.size());
-  }
-  std::optional<EventWriter> events;
-  std::optional<Volume> val_window;
-  if (config.output.tensorboard) {
-    events.emplace(run_dir.string(), step + 1);
-    spdlog::info("TensorBoard events: {}", events->path());
-    if (options.validation_image && !data.val.empty()) {
-      val_window = validation_window(data.val.front(), data.config, config);
+  // The resolved config and run id, metrics.jsonl and TensorBoard files of this start (rank 0).
+  void open_outputs() {
+    if (!writes) return;
+    write_file_atomically((run_dir / "config.json").string(), config_to_json(config).dump(2) + "\n");
+    write_file_atomically((run_dir / "run_id").string(), run_id + "\n");
+    metrics_path = run_dir / "metrics.jsonl";
+    if (resume_dir.empty()) {
+      write_file_atomically(metrics_path.string(), "");
+    } else {
+      truncate_metrics(metrics_path, step);
+    }
+    metrics.open(metrics_path, std::ios::app);
+    if (!metrics) throw IoError(metrics_path.string() + ": cannot open for writing");
+    // TensorBoard: existing event files are cut back to this start's step like metrics.jsonl (also
+    // with output.tensorboard off, so the folder's curves never disagree), then a new file is begun.
+    const auto cut = truncate_events(run_dir.string(), step);
+    if (cut.records_removed > 0 || !cut.files_removed.empty()) {
+      spdlog::info("TensorBoard event files: {} record(s) after step {} removed, {} file(s) without data deleted",
+                   cut.records_removed, step, cut.files_removed.size());
+    }
+    if (config.output.tensorboard) {
+      events.emplace(run_dir.string(), step + 1);
+      spdlog::info("TensorBoard events: {}", events->path());
+      if (options.validation_image && !data.val.empty()) {
+        val_window = validation_window(data.val.front(), data.config, config);
+      }
     }
   }
 
-  auto trainer_state = [&](const LoaderPosition& pos) {
+  // ----- checkpoints -----
+
+  TrainerState trainer_state(const LoaderPosition& pos) const {
     TrainerState t;
     t.step = step;
     t.loader_epoch = pos.epoch;
@@ -486,15 +642,15 @@ TrainResult train(const Config& config, const TrainOptions& options) {
     t.best_val_loss = best_val;
     t.lr_peak = peak;
     t.total_steps = total;
+    t.world_size = world;
+    t.batch_size = config.train.batch_size;
     return t;
-  };
-  const int64_t start_step = step;
-  int64_t last_saved_step = resume_dir.empty() ? -1 : step;
-  // Checkpoints after the resumed step belong to the abandoned continuation: removed once this
-  // start's first checkpoint is safely written (and `latest` names it), never before.
-  bool abandon_pending = !resume_dir.empty();
-  auto write_checkpoint = [&](bool diverged, std::optional<double> val_loss, const LoaderPosition& pos,
-                              const std::string& reason) {
+  }
+
+  // Rank 0 writes; the others have nothing to write (their state equals rank 0's).
+  void write_checkpoint(bool diverged, std::optional<double> val_loss, const LoaderPosition& pos,
+                        const std::string& reason) {
+    if (!main) return;
     CheckpointInfo info;
     info.step = step;
     info.run_id = run_id;
@@ -505,12 +661,12 @@ TrainResult train(const Config& config, const TrainOptions& options) {
     info.val_loss = val_loss;
     if (events) events->sync();  // the curves up to this checkpoint are on disk with it
     auto global = at::detail::getDefaultCPUGenerator();
-    std::map<std::string, at::Tensor> rng{{"mask", generator_state(mask_gen)}, {"global_cpu", generator_state(global)}};
+    std::map<std::string, at::Tensor> rng{{"global_cpu", generator_state(global)}};
     if (device.is_cuda()) {
       auto cuda = at::globalContext().defaultGenerator(device);
       rng["cuda"] = generator_state(cuda);
     }
-    result.checkpoint = save_checkpoint(run_dir.string(), info, *model, &optimizer, rng);
+    result.checkpoint = save_checkpoint(run_dir.string(), info, *model, optimizer.get(), rng);
     if (!diverged) {
       last_saved_step = step;
       if (abandon_pending) {
@@ -520,87 +676,92 @@ TrainResult train(const Config& config, const TrainOptions& options) {
       prune_checkpoints(run_dir.string(), config.train.keep_last);
     }
     spdlog::info("checkpoint {}{}", result.checkpoint, diverged ? " (marked diverged)" : "");
+  }
+
+  void maybe_checkpoint(std::optional<double> val_loss) {
+    if (step % config.train.checkpoint_every != 0 && step != total) return;
+    if (progress) progress->pause();
+    write_checkpoint(false, val_loss, position, "");
+  }
+
+  // ----- one step -----
+
+  struct StepStats {
+    bool done = false;  // false: the batch was skipped (non-finite loss)
+    double loss = 0.0, lr = 0.0, grad_norm = std::nan(""), data_wait = 0.0, allreduce = 0.0, seconds = 0.0;
+    int64_t samples = 0;
   };
 
-  Progress progress(total, step, config.train.log_every);
-  LoaderPosition position = loader.position();
-  while (step < total) {
-    if (const int sig = g_stop_signal.load()) {
-      progress.finish();
-      if (step == start_step) {  // no step done in this start: nothing new to save
-        spdlog::warn("stop requested (signal {}) before the first step", sig);
-        result.step = step;
-        return stopped_before_training(sig);
-      }
-      if (last_saved_step == step) {
-        spdlog::warn("stop requested (signal {}): step {} is already saved in {}", sig, step, result.checkpoint);
-      } else {
-        spdlog::warn("stop requested (signal {}): writing a checkpoint at step {}", sig, step);
-        write_checkpoint(false, std::nullopt, position, "");
-      }
-      result.interrupted = true;
-      result.signal = sig;
-      result.step = step;
-      return result;
+  // The loss of one micro-batch, averaged over all ranks, with the stop requests of all ranks.
+  double agree_on_loss(double local) {
+    if (!group) return local;
+    const int sig = g_stop_signal.load();
+    auto t = torch::tensor({local, sig == SIGINT ? 1.0 : 0.0, sig != 0 && sig != SIGINT ? 1.0 : 0.0},
+                           torch::TensorOptions().dtype(torch::kDouble));
+    exchange("the loss exchange of step " + std::to_string(step + 1), [&] { group->allreduce_sum(t); });
+    const auto a = t.accessor<double, 1>();
+    if (a[2] > 0.0) {
+      stop_agreed = SIGTERM;
+    } else if (a[1] > 0.0 && stop_agreed == 0) {
+      stop_agreed = SIGINT;
     }
+    return a[0] / static_cast<double>(world);
+  }
+
+  StepStats step_once() {
+    StepStats st;
     const auto t_step = Clock::now();
-    const double lr = lr_at(step, total, config.train.lr_warmup_steps, peak, config.train.lr_min);
-    optimizer.set_lr(lr);
-    double data_wait = 0.0, loss_value = 0.0;
-    int64_t samples = 0;
+    st.lr = lr_at(step, total, config.train.lr_warmup_steps, peak, config.train.lr_min);
+    optimizer->set_lr(st.lr);
+    const int64_t num_patches = model->options().num_patches();
     bool finite = true;
     for (int64_t micro = 0; micro < accum; ++micro) {
       const auto t_data = Clock::now();
-      auto batch = loader.next();
-      data_wait += seconds_since(t_data);
+      auto batch = loader->next();
+      st.data_wait += seconds_since(t_data);
       auto x = batch.images.to(device);
       if (x.size(1) != config.model.in_channels) {
         throw InputError(data.config.dataset + ": volumes have " + std::to_string(x.size(1)) +
                          " channel(s) but model.in_channels is " + std::to_string(config.model.in_channels));
       }
-      samples += x.size(0);
+      st.samples += x.size(0);
+      if (world > 1) model->set_batch_slice({x.size(0) * world, x.size(0) * rank});
+      const auto visible =
+          draw_batch_visible(batch, mask_seed(config.seed), num_patches, config.model.masking_ratio).to(device);
       torch::Tensor loss;
       {
         compat::AutocastScope autocast(bf16, device.type());
-        auto out = model->forward(x, std::nullopt, mask_gen);
+        auto out = model->forward_visible(x, visible);
         loss = masked_mse_loss(out.pred.to(torch::kFloat), model->target(x), out.mask, config.model.norm_pix_loss);
       }
-      const double v = loss.item<double>();
+      const auto t_exchange = Clock::now();
+      const double v = agree_on_loss(loss.item<double>());
+      st.allreduce += group ? seconds_since(t_exchange) : 0.0;
       if (!std::isfinite(v)) {
         finite = false;
-        loss_value = v;
+        st.loss = v;
         break;
       }
-      loss_value += v / static_cast<double>(accum);
+      st.loss += v / static_cast<double>(accum);
+      if (sync) sync->arm(micro + 1 == accum);
       (accum > 1 ? loss / static_cast<double>(accum) : loss).backward();
     }
-    const LoaderPosition next_position = loader.position();
+    const LoaderPosition next_position = loader->position();
     if (!finite) {
-      optimizer.zero_grad();
-      if (config.train.on_nonfinite == "error") {
-        progress.finish();
-        write_checkpoint(
-            true, std::nullopt, position,
-            "the loss was not finite (" + std::to_string(loss_value) + ") at step " + std::to_string(step + 1));
-        throw Error("step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(loss_value) +
-                    "); checkpoint " + result.checkpoint +
-                    " marked diverged. Lower train.lr, enable train.grad_clip_norm, or set train.on_nonfinite "
-                    "\"skip\"");
-      }
-      ++skipped;
-      spdlog::warn("step {}: non-finite loss, batch skipped ({} so far)", step + 1, skipped);
-      if (skipped > config.train.max_nonfinite) {
-        throw Error("step " + std::to_string(step + 1) + ": " + std::to_string(skipped) +
-                    " batches had a non-finite loss (train.max_nonfinite = " +
-                    std::to_string(config.train.max_nonfinite) + "); stopping");
-      }
+      optimizer->zero_grad();
+      st.seconds = seconds_since(t_step);
+      handle_nonfinite(st.loss);
       position = next_position;
-      continue;
+      return st;
+    }
+    if (sync) {
+      collective = "the gradient all-reduce of step " + std::to_string(step + 1);
+      st.allreduce += sync->finish();
+      collective.clear();
     }
     const bool log_now = (step + 1) % config.train.log_every == 0 || step + 1 == total;
-    double grad_norm = std::nan("");
     if (config.train.grad_clip_norm > 0.0) {
-      grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), config.train.grad_clip_norm);
+      st.grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), config.train.grad_clip_norm);
     } else if (log_now) {
       double sq = 0.0;
       for (const auto& p : model->parameters()) {
@@ -609,60 +770,231 @@ TrainResult train(const Config& config, const TrainOptions& options) {
           sq += n * n;
         }
       }
-      grad_norm = std::sqrt(sq);
+      st.grad_norm = std::sqrt(sq);
     }
-    optimizer.step();
-    optimizer.zero_grad();
+    optimizer->step();
+    optimizer->zero_grad();
     ++step;
     position = next_position;
-    smoothed = std::isfinite(smoothed) ? 0.98 * smoothed + 0.02 * loss_value : loss_value;
-    const double step_s = seconds_since(t_step);
-    progress.update(step, loss_value, smoothed, lr, static_cast<double>(samples) / step_s, data_wait / step_s, step_s);
-
-    std::optional<double> val_loss;
-    if (!data.val.empty() && (step % val_every == 0 || step == total)) {
-      val_loss = validate(model, data, config, device, bf16);
-      if (!best_val || *val_loss < *best_val) best_val = val_loss;
-      progress.note("step " + std::to_string(step) + ": validation loss " + std::to_string(*val_loss));
-    }
-    if (log_now || val_loss) {
-      nlohmann::json rec = {{"step", step},
-                            {"epoch", position.epoch},
-                            {"loss", loss_value},
-                            {"lr", lr},
-                            {"samples_per_s", static_cast<double>(samples) / step_s},
-                            {"data_wait_s", data_wait},
-                            {"data_wait_share", data_wait / step_s},
-                            {"step_s", step_s}};
-      rec["grad_norm"] = std::isfinite(grad_norm) ? nlohmann::json(grad_norm) : nlohmann::json();
-      rec["val_loss"] = val_loss ? nlohmann::json(*val_loss) : nlohmann::json();
-      metrics << rec.dump() << "\n";
-      metrics.flush();
-      if (!metrics) throw IoError(metrics_path.string() + ": cannot write (disk full?)");
-      if (events) events->write_scalars(step, record_scalars(rec));
-    }
-    if (val_loss && val_window) {
-      std::optional<at::Tensor> image;
-      try {
-        torch::NoGradGuard no_grad;
-        model->eval();
-        image = options.validation_image(model, *val_window, data.val.front().name(), step);
-      } catch (const std::exception& e) {  // a picture is not worth the run
-        spdlog::warn("step {}: no TensorBoard validation picture: {}", step, e.what());
-      }
-      model->train();
-      if (image) events->write_image(step, "val/reconstruction", *image);
-    }
-    if (step % config.train.checkpoint_every == 0 || step == total) {
-      progress.pause();
-      write_checkpoint(false, val_loss, position, "");
-    }
-    if (options.on_step) options.on_step(step, loss_value);
+    smoothed = std::isfinite(smoothed) ? 0.98 * smoothed + 0.02 * st.loss : st.loss;
+    st.done = true;
+    st.seconds = seconds_since(t_step);
+    return st;
   }
-  progress.finish();
-  result.step = step;
-  spdlog::info("done: {} steps, last checkpoint {}", step, result.checkpoint);
-  return result;
+
+  // The loss was not finite (on some rank: every rank sees the same averaged loss and decides alike).
+  void handle_nonfinite(double loss_value) {
+    if (config.train.on_nonfinite == "error") {
+      if (progress) progress->finish();
+      write_checkpoint(
+          true, std::nullopt, position,
+          "the loss was not finite (" + std::to_string(loss_value) + ") at step " + std::to_string(step + 1));
+      throw Error("step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(loss_value) + ")" +
+                  (main ? "; checkpoint " + result.checkpoint + " marked diverged" : std::string()) +
+                  ". Lower train.lr, enable train.grad_clip_norm, or set train.on_nonfinite \"skip\"");
+    }
+    ++skipped;
+    if (main) spdlog::warn("step {}: non-finite loss, batch skipped ({} so far)", step + 1, skipped);
+    if (skipped > config.train.max_nonfinite) {
+      throw Error("step " + std::to_string(step + 1) + ": " + std::to_string(skipped) +
+                  " batches had a non-finite loss (train.max_nonfinite = " +
+                  std::to_string(config.train.max_nonfinite) + "); stopping");
+    }
+  }
+
+  // ----- validation -----
+
+  // Mean masked loss over the validation volumes (crops of seed + 1 without flips, fixed masks per
+  // item); distributed, each rank takes its slice of every batch and the sums are all-reduced.
+  double validate() {
+    DataConfig vcfg = data.config;
+    vcfg.flip_prob = 0.0;
+    LoaderOptions vo = lo;
+    vo.seed = config.seed + 1;
+    vo.shuffle = false;
+    vo.drop_last = false;
+    Loader vloader(data.val, vcfg, vo);
+    torch::NoGradGuard no_grad;
+    model->eval();
+    double sum = 0.0, count = 0.0;
+    for (int64_t b = 0; b < vloader.batches_per_epoch(); ++b) {
+      auto batch = vloader.next();
+      if (!batch.images.defined()) continue;  // this rank's slice of the last batch is empty
+      auto x = batch.images.to(device);
+      const auto visible = draw_batch_visible(batch, val_mask_seed(config.seed), model->options().num_patches(),
+                                              config.model.masking_ratio)
+                               .to(device);
+      compat::AutocastScope autocast(bf16, device.type());
+      auto out = model->forward_visible(x, visible);
+      auto loss = masked_mse_loss(out.pred.to(torch::kFloat), model->target(x), out.mask, config.model.norm_pix_loss);
+      sum += loss.item<double>() * static_cast<double>(x.size(0));
+      count += static_cast<double>(x.size(0));
+    }
+    model->train();
+    if (group) {
+      auto t = torch::tensor({sum, count}, torch::TensorOptions().dtype(torch::kDouble));
+      exchange("the validation of step " + std::to_string(step), [&] { group->allreduce_sum(t); });
+      sum = t[0].item<double>();
+      count = t[1].item<double>();
+    }
+    return count > 0 ? sum / count : std::nan("");
+  }
+
+  std::optional<double> maybe_validate() {
+    if (data.val.empty() || (step % val_every != 0 && step != total)) return std::nullopt;
+    const double v = validate();
+    if (!best_val || v < *best_val) best_val = v;
+    if (progress) progress->note("step " + std::to_string(step) + ": validation loss " + std::to_string(v));
+    return v;
+  }
+
+  void write_metrics(const StepStats& st, std::optional<double> val_loss) {
+    const bool log_now = step % config.train.log_every == 0 || step == total;
+    if (!main || !(log_now || val_loss) || !metrics.is_open()) return;
+    nlohmann::json rec = {{"step", step},
+                          {"epoch", position.epoch},
+                          {"loss", st.loss},
+                          {"lr", st.lr},
+                          {"samples_per_s", static_cast<double>(st.samples * world) / st.seconds},
+                          {"data_wait_s", st.data_wait},
+                          {"data_wait_share", st.data_wait / st.seconds},
+                          {"step_s", st.seconds},
+                          {"world_size", world},
+                          {"allreduce_s", st.allreduce},
+                          {"allreduce_share", st.allreduce / st.seconds}};
+    rec["grad_norm"] = std::isfinite(st.grad_norm) ? nlohmann::json(st.grad_norm) : nlohmann::json();
+    rec["val_loss"] = val_loss ? nlohmann::json(*val_loss) : nlohmann::json();
+    metrics << rec.dump() << "\n";
+    metrics.flush();
+    if (!metrics) throw IoError(metrics_path.string() + ": cannot write (disk full?)");
+    if (events) events->write_scalars(step, record_scalars(rec));
+  }
+
+  void validation_picture() {
+    if (!val_window || !events) return;
+    std::optional<at::Tensor> image;
+    try {
+      torch::NoGradGuard no_grad;
+      model->eval();
+      image = options.validation_image(model, *val_window, data.val.front().name(), step);
+    } catch (const std::exception& e) {  // a picture is not worth the run
+      spdlog::warn("step {}: no TensorBoard validation picture: {}", step, e.what());
+    }
+    model->train();
+    if (image) events->write_image(step, "val/reconstruction", *image);
+  }
+
+  // ----- the loop -----
+
+  TrainResult stopped_before_training(int sig) {
+    result.interrupted = true;
+    result.before_training = true;
+    result.signal = sig;
+    result.step = step;
+    return result;
+  }
+
+  // Distributed: every rank learns whether any rank was asked to stop (before the first step).
+  int agreed_start_stop() {
+    if (!group) return g_stop_signal.load();
+    agree_on_loss(0.0);
+    return stop_agreed;
+  }
+
+  // Writes the stop checkpoint (when the step is not saved yet) and says so.
+  TrainResult stop(int sig) {
+    if (progress) progress->finish();
+    if (step == start_step) {  // no step done in this start: nothing new to save
+      if (main) spdlog::warn("stop requested (signal {}) before the first step", sig);
+      barrier("the stop");
+      return stopped_before_training(sig);
+    }
+    if (last_saved_step == step) {
+      if (main)
+        spdlog::warn("stop requested (signal {}): step {} is already saved in {}", sig, step, result.checkpoint);
+    } else {
+      if (main) spdlog::warn("stop requested (signal {}): writing a checkpoint at step {}", sig, step);
+      write_checkpoint(false, std::nullopt, position, "");
+    }
+    barrier("the stop");  // the other ranks end only once rank 0's checkpoint is written
+    result.interrupted = true;
+    result.signal = sig;
+    result.step = step;
+    return result;
+  }
+
+  void barrier(const std::string& what) {
+    if (group) exchange(what, [&] { group->barrier(); });
+  }
+
+  TrainResult loop() {
+    if (stopped_in_setup) return stopped_before_training(g_stop_signal.load());
+    if (const int sig = agreed_start_stop()) return stopped_before_training(sig);
+    if (options.dry_run) {
+      barrier("the end of the dry run");
+      result.step = step;
+      return result;
+    }
+    open_outputs();
+    if (main) progress.emplace(total, step, config.train.log_every);
+    while (step < total) {
+      if (const int sig = group ? stop_agreed : g_stop_signal.load()) return stop(sig);
+      const StepStats st = step_once();
+      if (!st.done) continue;
+      if (progress) {
+        progress->update(step, st.loss, smoothed, st.lr, static_cast<double>(st.samples * world) / st.seconds,
+                         st.data_wait / st.seconds, st.seconds);
+      }
+      const auto val_loss = maybe_validate();
+      write_metrics(st, val_loss);
+      if (val_loss && main) validation_picture();
+      maybe_checkpoint(val_loss);
+      if (options.on_step) options.on_step(step, st.loss);
+    }
+    if (progress) progress->finish();
+    barrier("the end of training");
+    result.step = step;
+    spdlog::info("done: {} steps, last checkpoint {}", step, result.checkpoint);
+    return result;
+  }
+
+  // Any failure of a distributed rank: tell the others (so none waits for this one) and name the
+  // lost rank when a collective failed.
+  [[noreturn]] void fail_distributed(const std::exception& e) {
+    if (dynamic_cast<const DistributedError*>(&e) && !collective.empty()) {
+      const std::string line = group->describe_failure(collective, e);
+      group->report_failure(line);
+      throw DistributedError(line);
+    }
+    group->report_failure(e.what());
+    throw;
+  }
+};
+
+Trainer::Trainer(const Config& config, const TrainOptions& options) : impl_(std::make_unique<Impl>(config, options)) {
+  if (g_stop_signal.load()) {
+    impl_->stopped_in_setup = true;
+    return;
+  }
+  try {
+    impl_->setup();
+  } catch (const std::exception& e) {
+    if (!impl_->group) throw;
+    impl_->fail_distributed(e);
+  }
 }
+
+Trainer::~Trainer() = default;
+
+TrainResult Trainer::run() {
+  try {
+    return impl_->loop();
+  } catch (const std::exception& e) {
+    if (!impl_->group) throw;
+    impl_->fail_distributed(e);
+  }
+}
+
+TrainResult train(const Config& config, const TrainOptions& options) { return Trainer(config, options).run(); }
 
 }  // namespace mae

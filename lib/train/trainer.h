@@ -1,25 +1,27 @@
 // The pretraining loop: data -> MAE -> masked loss -> AdamW with warmup + cosine schedule, with a
 // live progress line, metrics.jsonl, validation on held-out volumes with fixed masks, atomic
-// checkpoints and exact resume.
+// checkpoints and exact resume; data-parallel over c10d when launched with WORLD_SIZE > 1
+// (train/distributed.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 
+#include "data/check.h"
 #include "io/volume.h"
-#include "train/config.h"
+#include "run/config.h"
 
 namespace mae {
 
 /// How the caller wants the run started.
 struct TrainOptions {
-  bool resume = false;           ///< continue from a checkpoint instead of starting fresh
-  std::string resume_from;       ///< checkpoint or run folder; "" = output.dir's latest
-  bool check_data_only = false;  ///< run the pre-flight data check, return its report and stop
-  bool dry_run = false;          ///< validate config and data, build the model, then stop
+  bool resume = false;      ///< continue from a checkpoint instead of starting fresh
+  std::string resume_from;  ///< checkpoint or run folder; "" = output.dir's latest
+  bool dry_run = false;     ///< validate config and data, build the model, then stop
   /// Called after every optimizer step with (step, loss); tests use it to stop a run at a step.
   std::function<void(int64_t, double)> on_step;
   /// With output.tensorboard and validation volumes: called at every validation with (model, window,
@@ -44,21 +46,53 @@ struct TrainResult {
   int signal = 0;                ///< the signal that stopped it, 0 if none
   std::string checkpoint;        ///< the last checkpoint written ("" if none)
   std::string resumed_from;      ///< the checkpoint this start resumed ("" for a fresh run)
-  int64_t data_failures = 0;     ///< check_data_only: number of volumes that failed
-  std::string data_report;       ///< check_data_only: the report to print (CheckReport::text())
+  int rank = 0;                  ///< this process's rank (0 when not distributed): only rank 0 writes
+  int world_size = 1;            ///< ranks that trained together
 };
 
-/// Runs (or resumes) pretraining as configured. Throws ConfigError / InputError / CheckpointError
-/// / IoError with one-line messages; a non-finite loss with on_nonfinite "error" writes a checkpoint
-/// marked diverged and throws Error naming the step. A dry run or data check writes nothing at all
-/// (no folder, config.json, train.log or lock). A training run holds the run folder's RunLock, so
-/// a second process on the same output.dir gets ConfigError naming the holder. A resume of this
-/// run's own checkpoint deletes the checkpoints after it only once its first new checkpoint is
-/// written; resuming another run's checkpoint into a folder that holds a run is refused. The memory
-/// a step needs is estimated before the model is built and refused (ConfigError) when it exceeds
+/// The pre-flight check of --check-data: reads every volume of the config's dataset (training and
+/// validation) once through the cache, as a run would, and returns the report; writes nothing but
+/// the cache. The caller prints it (CheckReport::text()).
+CheckReport check_training_data(const Config& config);
+
+/// One training run, in named steps. The constructor does the set-up (device, process group when
+/// distributed, run folder and its lock, resume checks, the pre-flight data check, model, optimizer,
+/// loader, restored state); run() loops step() / maybe_validate() / metrics / maybe_checkpoint()
+/// until the configured steps are done or a stop is requested.
+class Trainer {
+ public:
+  /// The set-up; throws as train() does. A stop requested during set-up makes run() return at once.
+  Trainer(const Config& config, const TrainOptions& options);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  /// Trains to the end (or to a requested stop) and says how it ended.
+  TrainResult run();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// Runs (or resumes) pretraining as configured: Trainer(config, options).run(). Throws ConfigError /
+/// InputError / CheckpointError / IoError with one-line messages; a non-finite loss with on_nonfinite "error" writes a
+/// checkpoint marked diverged and throws Error naming the step. A dry run writes nothing at all (no folder,
+/// config.json, train.log or lock). A training run holds the run folder's RunLock, so a second process on the same
+/// output.dir gets ConfigError naming the holder. A resume of this run's own checkpoint deletes the checkpoints after
+/// it only once its first new checkpoint is written; resuming another run's checkpoint into a folder that holds a run
+/// is refused. The memory a step needs is estimated before the model is built and refused (ConfigError) when it exceeds
 /// the machine's memory. With output.tensorboard the run also writes a TensorBoard event file per
 /// start (train/tensorboard.h): the scalars of every metrics.jsonl record at its step and, with
 /// TrainOptions::validation_image, a picture at every validation.
+///
+/// Distributed (read_distributed_env() finds WORLD_SIZE > 1): every rank runs this with the same
+/// config (checked at start, naming the first differing key); rank 0 broadcasts the initial (or
+/// resumed) weights, each rank trains on its slice of every global batch of batch_size x
+/// world_size crops (masks and dropout as one process would draw them), gradients are averaged by
+/// all-reduce, the non-finite check and a requested stop are agreed by all ranks at the same step,
+/// and only rank 0 writes the run folder. A failing rank makes every other rank throw
+/// DistributedError naming it within distributed.timeout_s.
 TrainResult train(const Config& config, const TrainOptions& options);
 
 /// Asks a running train() to stop after the current step and write a checkpoint. Safe to call from

@@ -1,5 +1,6 @@
-// The loader: bit-identical batches for any number of workers, exact resume, disjoint shards,
-// worker errors reaching the consumer, clean shutdown mid-epoch, and a real MRI end to end.
+// The loader: bit-identical batches for any number of workers, exact resume, ranks slicing the
+// batches of one process, worker errors reaching the consumer, clean shutdown mid-epoch, and a
+// real MRI end to end.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -102,25 +103,43 @@ TEST_F(LoaderTest, ResumesExactlyFromAPosition) {
   EXPECT_THROW(Loader(entries, c, options, LoaderPosition{0, 3}), ConfigError);
 }
 
-TEST_F(LoaderTest, ShardsAreDisjoint) {
-  options.world_size = 2;
+TEST_F(LoaderTest, RanksSliceTheBatchOneProcessDraws) {
+  // 5 volumes x 2 samples = 10 items. One process with batch 4: 2 batches per epoch (drop_last);
+  // 2 ranks with batch 2 each take halves of exactly those batches, in rank order.
+  options.batch_size = 4;
+  Loader single(entries, config, options);
   options.batch_size = 2;
-  std::set<int64_t> seen_vol, seen_item;
-  for (int r = 0; r < 2; ++r) {
-    options.rank = r;
-    Loader l(entries, config, options);
-    EXPECT_EQ(l.volumes_per_epoch(), 2);  // 5 volumes / 2 ranks; one is left out of each epoch
-    for (int64_t v : l.epoch_volumes(0)) EXPECT_TRUE(seen_vol.insert(v).second) << "volume " << v;
-    for (int b = 0; b < l.batches_per_epoch(); ++b) {
-      const Batch batch = l.next();
-      for (int64_t it : batch.items) EXPECT_TRUE(seen_item.insert(it).second) << "item " << it;
-    }
+  options.world_size = 2;
+  options.rank = 0;
+  Loader r0(entries, config, options);
+  options.rank = 1;
+  Loader r1(entries, config, options);
+  EXPECT_EQ(single.batches_per_epoch(), 2);
+  EXPECT_EQ(r0.batches_per_epoch(), 2);
+  EXPECT_EQ(r0.epoch_volumes(1), single.epoch_volumes(1));
+  for (int i = 0; i < 5; ++i) {  // across an epoch boundary
+    const Batch whole = single.next(), a = r0.next(), b = r1.next();
+    ASSERT_EQ(a.index, whole.index);
+    ASSERT_EQ(b.epoch, whole.epoch);
+    EXPECT_TRUE(at::equal(at::cat({a.images, b.images}, 0), whole.images)) << "batch " << i;
+    std::vector<int64_t> items = a.items;
+    items.insert(items.end(), b.items.begin(), b.items.end());
+    EXPECT_EQ(items, whole.items);
   }
-  EXPECT_EQ(seen_vol.size(), 4u);
+  // Without drop_last the last global batch holds 2 items: rank 1's slice is empty.
+  options.drop_last = false;
+  options.batch_size = 4;
+  options.world_size = 2;
+  Loader tail(entries, config, options, LoaderPosition{0, 1});
+  EXPECT_EQ(tail.batches_per_epoch(), 2);
+  const Batch empty = tail.next();
+  EXPECT_FALSE(empty.images.defined());
+  EXPECT_TRUE(empty.items.empty());
+  options.drop_last = true;
   options.rank = 2;
   EXPECT_THROW(Loader(entries, config, options), ConfigError);
   options.rank = 0;
-  options.world_size = 6;
+  options.world_size = 6;  // 6 x 4 = 24 > 10 items
   EXPECT_THROW(Loader(entries, config, options), ConfigError);
 }
 

@@ -17,9 +17,9 @@
 #include "core/error.h"
 #include "export/tensor_file.h"
 #include "io/io.h"
+#include "run/config.h"
+#include "run/trained_model.h"
 #include "train/checkpoint.h"
-#include "train/config.h"
-#include "train/trained_model.h"
 
 int main(int argc, char** argv) {
   try {

@@ -24,8 +24,8 @@
 #include "export/monai_export.h"
 #include "export/tensor_file.h"
 #include "io/io.h"
+#include "run/config.h"
 #include "train/checkpoint.h"
-#include "train/config.h"
 
 namespace fs = std::filesystem;
 

@@ -6,7 +6,7 @@
 
 #include <atomic>
 
-#include "train/config.h"
+#include "run/config.h"
 #include "train/trainer.h"
 
 namespace mae::test {

@@ -22,8 +22,8 @@
 #include "infer/windows.h"
 #include "io/io.h"
 #include "model/ops.h"
+#include "run/config.h"
 #include "train/checkpoint.h"
-#include "train/config.h"
 
 namespace fs = std::filesystem;
 

@@ -426,4 +426,34 @@ TEST_F(Model, FusedAttentionEqualsExplicitSoftmaxPath) {
   }
 }
 
+TEST_F(Model, BatchSlicesWithDropoutComputeWhatTheWholeBatchComputes) {
+  // Data-parallel ranks each hold half of a global batch of 4: with dropout, each rank's forward
+  // (same weights, same generator state) must equal its rows of one forward over the whole batch.
+  for (const bool fused : {true, false}) {
+    torch::manual_seed(5);
+    mae::MaskedAutoencoder model(small3d().dropout_rate(0.3).fused_attention(fused));
+    model->train();
+    auto x = torch::randn({4, 1, 16, 16, 16});
+    auto gen = at::detail::createCPUGenerator(11);
+    auto visible = mae::draw_visible(4, 64, 0.75, gen);
+    torch::manual_seed(17);
+    const auto whole = model->forward_visible(x, visible).pred;
+    std::vector<torch::Tensor> halves;
+    for (int64_t r = 0; r < 2; ++r) {
+      torch::manual_seed(17);  // every rank's global generator is in the same state
+      model->set_batch_slice({4, 2 * r});
+      halves.push_back(model->forward_visible(x.narrow(0, 2 * r, 2), visible.narrow(0, 2 * r, 2)).pred);
+    }
+    model->set_batch_slice({});
+    const auto sliced = torch::cat(halves, 0);
+    EXPECT_LT((sliced - whole).abs().max().item<double>(), 1e-5) << "fused " << fused;
+    // The noise is really there: another generator state gives another output.
+    torch::manual_seed(18);
+    EXPECT_GT((model->forward_visible(x, visible).pred - whole).abs().max().item<double>(), 1e-3);
+  }
+  auto t = torch::ones({2, 3});
+  EXPECT_THROW(mae::dropout(t, 0.5, {3, 2}), c10::Error);  // rows 2..3 of 3
+  EXPECT_TRUE(torch::equal(mae::dropout(t, 1.0), torch::zeros({2, 3})));
+}
+
 }  // namespace

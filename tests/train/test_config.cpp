@@ -6,7 +6,8 @@
 #include <fstream>
 
 #include "core/error.h"
-#include "train/config.h"
+#include "run/checkpoint.h"
+#include "run/config.h"
 #include "train/schedule.h"
 
 namespace {
@@ -281,6 +282,103 @@ TEST(Config, AbsurdValuesAreRefused) {
   tree = minimal();
   tree["train"] = {{"lr_min", 1e-3}};  // above 1.5e-4 x 2 / 256
   EXPECT_HAS(error_of(tree), "\"train.lr_min\" = 0.001 is larger than the learning rate");
+}
+
+TEST(Config, DistributedDefaultsAreResolved) {
+  const auto c = mae::config_from_json(minimal());
+  EXPECT_EQ(c.distributed.backend, "auto");
+  EXPECT_EQ(c.distributed.timeout_s, 300);
+  EXPECT_DOUBLE_EQ(c.distributed.bucket_mb, 25.0);
+  EXPECT_TRUE(c.distributed.overlap);
+  const auto resolved = mae::config_to_json(c);
+  EXPECT_EQ(resolved["distributed"],
+            (nlohmann::json{{"backend", "auto"}, {"timeout_s", 300}, {"bucket_mb", 25.0}, {"overlap", true}}));
+  auto tree = minimal();
+  tree["device"] = "cuda";
+  tree["distributed"] = {{"backend", "nccl"}, {"timeout_s", 60}, {"bucket_mb", 0.5}, {"overlap", false}};
+  const auto d = mae::config_from_json(tree).distributed;
+  EXPECT_EQ(d.backend, "nccl");
+  EXPECT_EQ(d.timeout_s, 60);
+  EXPECT_DOUBLE_EQ(d.bucket_mb, 0.5);
+  EXPECT_FALSE(d.overlap);
+  // A config without the section (every checkpoint written before it existed) reads with the defaults.
+  auto old = resolved;
+  old.erase("distributed");
+  EXPECT_EQ(mae::config_to_json(mae::config_from_json(old)), resolved);
+}
+
+TEST(Config, DistributedValuesAreChecked) {
+  auto tree = minimal();
+  tree["distributed"] = {{"backend", "mpi"}};
+  EXPECT_HAS(error_of(tree), "\"distributed.backend\" = \"mpi\" is not allowed");
+  tree = minimal();
+  tree["distributed"] = {{"timeout_s", 0}};
+  EXPECT_HAS(error_of(tree), "\"distributed.timeout_s\" = 0 is out of range; allowed: 1 .. 86400");
+  tree = minimal();
+  tree["distributed"] = {{"timeout_s", 1.5}};
+  EXPECT_HAS(error_of(tree), "\"distributed.timeout_s\"");
+  tree = minimal();
+  tree["distributed"] = {{"bucket_mb", 0}};
+  EXPECT_HAS(error_of(tree), "\"distributed.bucket_mb\" = 0 is out of range");
+  tree = minimal();
+  tree["distributed"] = {{"bucket_mb", 2048}};
+  EXPECT_HAS(error_of(tree), "\"distributed.bucket_mb\" = 2048 is out of range");
+  tree = minimal();
+  tree["distributed"] = {{"bucket_mb", "big"}};
+  EXPECT_HAS(error_of(tree), "\"distributed.bucket_mb\" = \"big\" has the wrong type");
+  tree = minimal();
+  tree["distributed"] = {{"overlap", 1}};
+  EXPECT_HAS(error_of(tree), "\"distributed.overlap\"");
+  tree = minimal();
+  tree["device"] = "cpu";
+  tree["distributed"] = {{"backend", "nccl"}};
+  EXPECT_HAS(error_of(tree), "\"distributed.backend\" = \"nccl\" needs a CUDA device");
+  tree["device"] = "auto";  // decided when the run starts
+  EXPECT_EQ(error_of(tree), "");
+  tree = minimal();
+  tree["distributed"] = {{"bucket_mib", 25}};
+  EXPECT_EQ(error_of(tree), "\"distributed.bucket_mib\" is not a key; did you mean \"distributed.bucket_mb\"?");
+  tree = minimal();
+  tree["distributd"] = nlohmann::json::object();
+  EXPECT_HAS(error_of(tree), "did you mean \"distributed\"");
+}
+
+TEST(TrainerStateJson, WorldSizeAndBatchSizeRoundTripAndAreOptional) {
+  mae::TrainerState s;
+  s.step = 7;
+  s.world_size = 4;
+  s.batch_size = 3;
+  const auto j = mae::trainer_state_to_json(s, "0123456789abcdef");
+  EXPECT_EQ(j["world_size"], 4);
+  EXPECT_EQ(j["batch_size"], 3);
+  const auto back = mae::trainer_state_from_json(j, "trainer_state.json");
+  EXPECT_EQ(back.step, 7);
+  EXPECT_EQ(back.world_size, 4);
+  EXPECT_EQ(back.batch_size, 3);
+  // Checkpoints written before these keys existed: one rank, batch size not recorded.
+  auto old = j;
+  old.erase("world_size");
+  old.erase("batch_size");
+  const auto legacy = mae::trainer_state_from_json(old, "trainer_state.json");
+  EXPECT_EQ(legacy.world_size, 1);
+  EXPECT_EQ(legacy.batch_size, 0);
+  auto error_of_state = [&](const char* key, const nlohmann::json& value) -> std::string {
+    auto bad = j;
+    bad[key] = value;
+    try {
+      mae::trainer_state_from_json(bad, "trainer_state.json");
+    } catch (const mae::CheckpointError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_HAS(error_of_state("world_size", 0), "trainer_state.json: \"world_size\" = 0 is out of range");
+  EXPECT_HAS(error_of_state("world_size", 1000001), "\"world_size\" = 1000001 is out of range");
+  EXPECT_HAS(error_of_state("world_size", 2.5), "\"world_size\" is the fraction 2.5");
+  EXPECT_HAS(error_of_state("batch_size", -1), "\"batch_size\" = -1 is out of range");
+  EXPECT_HAS(error_of_state("batch_size", "2"), "\"batch_size\" is the string");
+  EXPECT_EQ(error_of_state("world_size", 1000000), "");
+  EXPECT_EQ(error_of_state("batch_size", 0), "");
 }
 
 TEST(Schedule, WarmupPeakAndEnd) {

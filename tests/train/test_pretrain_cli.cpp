@@ -19,7 +19,7 @@
 
 #include "core/error.h"
 #include "io/io.h"
-#include "train/trained_model.h"
+#include "run/trained_model.h"
 
 namespace fs = std::filesystem;
 

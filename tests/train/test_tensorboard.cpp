@@ -17,7 +17,7 @@
 #include "core/error.h"
 #include "io/io.h"
 #include "io/png.h"
-#include "train/config.h"
+#include "run/config.h"
 #include "train/tensorboard.h"
 #include "train/trainer.h"
 

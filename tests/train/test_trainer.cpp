@@ -15,10 +15,10 @@
 #include "../common/temp_dir.h"
 #include "core/error.h"
 #include "io/io.h"
+#include "run/config.h"
+#include "run/trained_model.h"
 #include "train/checkpoint.h"
-#include "train/config.h"
 #include "train/memory.h"
-#include "train/trained_model.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -343,12 +343,10 @@ TEST_F(Trainer, CheckDataReportsEveryFailure) {
   std::ofstream(dir / "empty.nii.gz");
   std::ofstream(dir / "list.txt", std::ios::app) << "empty.nii.gz\n";
   auto tree = tiny_tree(dir);
-  mae::TrainOptions check;
-  check.check_data_only = true;
   // A missing file is refused when the list is read; without it, every bad volume is counted.
-  EXPECT_THROW(mae::train(mae::config_from_json(tree), check), mae::InputError);
+  EXPECT_THROW(mae::check_training_data(mae::config_from_json(tree)), mae::InputError);
   std::ofstream(dir / "list.txt", std::ios::trunc) << "vol0.nii.gz\nempty.nii.gz\nvol1.nii.gz\n";
-  EXPECT_EQ(mae::train(mae::config_from_json(tree), check).data_failures, 1);
+  EXPECT_EQ(mae::check_training_data(mae::config_from_json(tree)).failures(), 1);
   // Training refuses the data up front; with "skip" it trains on the rest.
   EXPECT_THROW(mae::train(mae::config_from_json(tree), {}), mae::InputError);
   tree["data"]["on_bad_volume"] = "skip";
@@ -597,9 +595,7 @@ TEST_F(Trainer, DryRunAndDataCheckChangeNothingOnDisk) {
   mae::TrainOptions fresh_dry;
   fresh_dry.dry_run = true;
   mae::train(mae::config_from_json(changed), fresh_dry);
-  mae::TrainOptions check;
-  check.check_data_only = true;
-  mae::train(mae::config_from_json(changed), check);
+  mae::check_training_data(mae::config_from_json(changed));
   EXPECT_FALSE(fs::exists(dir / "new"));
   EXPECT_EQ(snapshot(dir.path), outside);
 }

@@ -1,7 +1,7 @@
-#include "train/trained_model.h"
+#include "run/trained_model.h"
 
 #include "core/error.h"
-#include "train/checkpoint.h"
+#include "run/checkpoint.h"
 
 namespace mae {
 

@@ -1,5 +1,5 @@
-// The run configuration of mae-pretrain: one JSON file with the sections `data`, `model`, `train`
-// and `output` plus top-level `seed`, `device` and `threads`. Reading is strict (unknown keys are
+// The run configuration of mae-pretrain: one JSON file with the sections `data`, `model`, `train`,
+// `output` and `distributed` plus top-level `seed`, `device` and `threads`. Reading is strict (unknown keys are
 // errors naming the closest valid key), every key has a default, and the resolved config (all keys,
 // defaults filled in) is what the run folder and every checkpoint keep. configs/README.md lists
 // every key with its default and meaning.
@@ -68,15 +68,25 @@ struct OutputConfig {
   bool tensorboard = true;       ///< also write TensorBoard event files (scalars, validation montage) there
 };
 
+/// The `distributed` section: how ranks talk when WORLD_SIZE > 1 (torchrun, SLURM or
+/// scripts/launch_local.sh start them); unused by a single process. Every rank must read the same values.
+struct DistributedConfig {
+  std::string backend = "auto";  ///< "auto" (Gloo on CPU, NCCL on CUDA) | "gloo" | "nccl"
+  int64_t timeout_s = 300;       ///< seconds a rendezvous or collective may wait before all ranks give up; 1 .. 86400
+  double bucket_mb = 25.0;       ///< gradient all-reduce bucket size in MiB; > 0, <= 1024
+  bool overlap = true;           ///< start each bucket's all-reduce during the backward pass
+};
+
 /// The whole run configuration.
 struct Config {
-  uint64_t seed = 0;            ///< fixes data order, crops, flips, masks and initialisation
-  std::string device = "auto";  ///< "cpu" | "cuda" | "cuda:N" | "auto" (CUDA when available)
-  int threads = 0;              ///< intra-op threads, 0 = all hardware threads
-  DataConfig data;              ///< see data/config.h
-  ModelConfig model;            ///< model options
-  TrainConfig train;            ///< optimisation
-  OutputConfig output;          ///< where results go
+  uint64_t seed = 0;              ///< fixes data order, crops, flips, masks and initialisation
+  std::string device = "auto";    ///< "cpu" | "cuda" | "cuda:N" | "auto" (CUDA when available)
+  int threads = 0;                ///< intra-op threads, 0 = all hardware threads
+  DataConfig data;                ///< see data/config.h
+  ModelConfig model;              ///< model options
+  TrainConfig train;              ///< optimisation
+  OutputConfig output;            ///< where results go
+  DistributedConfig distributed;  ///< multi-process training (WORLD_SIZE > 1)
 };
 
 /// Applies "a.b.c=value" overrides to a JSON tree. The value is JSON when it parses (numbers, true,

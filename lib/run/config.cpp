@@ -1,4 +1,4 @@
-#include "train/config.h"
+#include "run/config.h"
 
 #include <limits>
 #include <sstream>
@@ -122,6 +122,21 @@ void read_train(JsonReader r, TrainConfig& t) {
   }
 }
 
+void read_distributed(JsonReader r, DistributedConfig& d) {
+  r.read_choice("backend", d.backend, {"auto", "gloo", "nccl"});
+  r.read_range<int64_t>("timeout_s", d.timeout_s, 1, 86400);
+  if (const nlohmann::json* v = r.raw("bucket_mb")) {
+    const std::string key = r.key_path("bucket_mb");
+    const double mb = JsonReader::convert<double>(*v, key);
+    if (!(mb > 0.0 && mb <= 1024.0)) {
+      throw ConfigError("\"" + key + "\" = " + json_text(*v) + " is out of range; allowed: more than 0 .. 1024 (MiB)");
+    }
+    d.bucket_mb = mb;
+  }
+  r.read("overlap", d.overlap);
+  r.finish();
+}
+
 void check_device(const std::string& device) {
   if (is_device_name(device)) return;
   throw ConfigError("\"device\" = " + json_text(device) +
@@ -228,6 +243,12 @@ Config config_from_json(const nlohmann::json& tree) {
     out.finish();
     if (c.output.dir.empty()) throw ConfigError("\"output.dir\" is empty; name the run folder");
   }
+  read_distributed(r.child("distributed"), c.distributed);
+  if (c.distributed.backend == "nccl" && c.device == "cpu") {
+    throw ConfigError(
+        "\"distributed.backend\" = \"nccl\" needs a CUDA device, but \"device\" = \"cpu\"; use \"gloo\" or \"auto\" "
+        "on the CPU");
+  }
   r.finish();
   return c;
 }
@@ -291,6 +312,10 @@ nlohmann::json config_to_json(const Config& c) {
                 {"on_nonfinite", t.on_nonfinite},
                 {"max_nonfinite", t.max_nonfinite}};
   j["output"] = {{"dir", c.output.dir}, {"tensorboard", c.output.tensorboard}};
+  j["distributed"] = {{"backend", c.distributed.backend},
+                      {"timeout_s", c.distributed.timeout_s},
+                      {"bucket_mb", c.distributed.bucket_mb},
+                      {"overlap", c.distributed.overlap}};
   return j;
 }
 

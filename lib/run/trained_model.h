@@ -5,7 +5,7 @@
 #include <string>
 
 #include "model/mae.h"
-#include "train/config.h"
+#include "run/config.h"
 
 namespace mae {
 
