@@ -137,6 +137,23 @@ void ProgressLine::update(int64_t done, int64_t total) {
   }
 }
 
+namespace {
+
+// "rank R: " for a process of a multi-rank launch (RANK or SLURM_PROCID with a world size above 1),
+// so that an error raised before the ranks meet still says which rank it came from.
+std::string rank_label(const std::string& message) {
+  const char* size = std::getenv("WORLD_SIZE");
+  const char* rank = std::getenv("RANK");
+  if (!size && !rank) {
+    size = std::getenv("SLURM_NTASKS");
+    rank = std::getenv("SLURM_PROCID");
+  }
+  if (!size || !rank || std::atoi(size) <= 1 || message.rfind("rank ", 0) == 0) return "";
+  return "rank " + std::string(rank) + ": ";
+}
+
+}  // namespace
+
 int run_program(CLI::App& app, int argc, char** argv, const std::function<int()>& body) {
   const std::string name = app.get_name();
   try {
@@ -150,13 +167,16 @@ int run_program(CLI::App& app, int argc, char** argv, const std::function<int()>
   try {
     return body();
   } catch (const Error& e) {
-    std::cerr << name << ": error: " << one_line(e.what()) << std::endl;
+    const std::string line = one_line(e.what());
+    std::cerr << name << ": error: " << rank_label(line) << line << std::endl;
     return e.exit_code();
   } catch (const c10::Error& e) {
-    std::cerr << name << ": error: " << one_line(e.what_without_backtrace()) << std::endl;
+    const std::string line = one_line(e.what_without_backtrace());
+    std::cerr << name << ": error: " << rank_label(line) << line << std::endl;
     return 1;
   } catch (const std::exception& e) {
-    std::cerr << name << ": error: " << one_line(e.what()) << std::endl;
+    const std::string line = one_line(e.what());
+    std::cerr << name << ": error: " << rank_label(line) << line << std::endl;
     return 1;
   }
 }

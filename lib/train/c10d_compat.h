@@ -23,9 +23,9 @@
 #include <string>
 #include <vector>
 
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
 #ifndef USE_C10D_GLOO
@@ -57,6 +57,11 @@ using CollectivesPtr = c10::intrusive_ptr<Collectives>;
 using WorkPtr = c10::intrusive_ptr<::c10d::Work>;
 using StorePtr = c10::intrusive_ptr<::c10d::Store>;
 
+/// Whether this LibTorch's TCPStore client speaks the protocol of the store torchrun's agent hosts
+/// (torchrun of torch 2.x; 1.13's client hangs on it, and Debian's own 1.13 torchrun does not run
+/// under Python 3.11).
+constexpr bool kJoinsAgentStore = TORCH_VERSION_MAJOR >= 2;
+
 /// True when this LibTorch's c10d was compiled with NCCL and this build enabled it.
 constexpr bool kHaveNccl =
 #ifdef MAE_C10D_NCCL
@@ -68,8 +73,8 @@ constexpr bool kHaveNccl =
 /// A TCPStore at host:port. The server (rank 0) does not wait for workers here (the caller runs
 /// its own join protocol, which can say how many ranks came); `timeout` is the connect timeout of
 /// a client and the default timeout of get()/wait() for both.
-inline c10::intrusive_ptr<::c10d::TCPStore> make_tcp_store(const std::string& host, std::uint16_t port,
-                                                           bool is_server, std::chrono::milliseconds timeout) {
+inline c10::intrusive_ptr<::c10d::TCPStore> make_tcp_store(const std::string& host, std::uint16_t port, bool is_server,
+                                                           std::chrono::milliseconds timeout) {
   ::c10d::TCPStoreOptions opts;
   opts.port = port;
   opts.isServer = is_server;

@@ -9,14 +9,15 @@
 #include <torch/cuda.h>
 
 #include <algorithm>
-#include <charconv>
 #include <cctype>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <stdexcept>
 #include <thread>
 
 namespace mae {
@@ -67,6 +68,19 @@ std::string one_line(const std::exception& e) {
 
 bool contains(const std::string& s, const char* needle) { return s.find(needle) != std::string::npos; }
 
+std::mutex g_abort_mu;
+std::function<bool()> g_abort;  // set_rendezvous_abort
+
+bool rendezvous_aborted() {
+  std::lock_guard<std::mutex> lock(g_abort_mu);
+  return g_abort && g_abort();
+}
+
+// Thrown out of a rendezvous wait that set_rendezvous_abort's check ended.
+struct RendezvousAborted : std::runtime_error {
+  RendezvousAborted() : std::runtime_error("stopped by a signal during the rendezvous") {}
+};
+
 std::vector<uint8_t> bytes(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
 std::string text(const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); }
 
@@ -107,13 +121,12 @@ std::string await_listener(const std::string& host, int port, std::chrono::stead
       ::freeaddrinfo(found);
     }
     if (Clock::now() + milliseconds(50) >= deadline) return why;
+    if (rendezvous_aborted()) throw RendezvousAborted();
     std::this_thread::sleep_for(milliseconds(50));
   }
 }
 
-bool is_loopback(const std::string& host) {
-  return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
-}
+bool is_loopback(const std::string& host) { return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0; }
 
 std::string ranks_text(const std::vector<int>& ranks) {
   std::string s = ranks.size() == 1 ? "rank " : "ranks ";
@@ -268,9 +281,13 @@ DistributedEnv read_distributed_env(const std::function<const char*(const char*)
   }
   out.master_port = env.integer("MASTER_PORT", 0);
   if (out.master_port < 1 || out.master_port > 65535) {
-    throw ConfigError("MASTER_PORT=" + std::to_string(out.master_port) +
-                      " is outside 1..65535 (launch environment)");
+    throw ConfigError("MASTER_PORT=" + std::to_string(out.master_port) + " is outside 1..65535 (launch environment)");
   }
+  // torchrun's agent already hosts a TCPStore on MASTER_PORT and says so; rank 0 then joins it as
+  // a client like the others. A restart (--max-restarts) gets keys of its own in that store.
+  const std::string agent = env.str("TORCHELASTIC_USE_AGENT_STORE");
+  out.agent_store = agent == "True" || agent == "true" || agent == "1";
+  if (env.has("TORCHELASTIC_RESTART_COUNT")) out.restart = env.str("TORCHELASTIC_RESTART_COUNT");
   return out;
 }
 
@@ -288,8 +305,9 @@ struct ProcessGroup::Impl {
   milliseconds timeout{0};
   std::string addr;
   int port = 0;
-  c10d_compat::StorePtr store;      // TCPStore (or HashStore for a world of one)
-  c10d_compat::StorePtr keys;       // store under "mae/"
+  c10d_compat::StorePtr store;       // TCPStore (or HashStore for a world of one)
+  c10d_compat::StorePtr keys;        // store under "mae/" ("mae/restart<n>/" under torchrun)
+  bool agent_store = false;          // torchrun's agent hosts the store: rank 0 is a client too
   c10d_compat::CollectivesPtr coll;  // null for a world of one and after report_failure
   bool failed = false;               // report_failure ran
   int config_round = 0;              // check_same_config calls so far (keys are per call)
@@ -392,6 +410,7 @@ struct ProcessGroup::Impl {
                                 }),
                  open.end());
       if (open.empty() || Clock::now() >= deadline) return open;
+      if (rendezvous_aborted()) throw RendezvousAborted();
       std::this_thread::sleep_for(kPollInterval);
     }
   }
@@ -404,7 +423,7 @@ struct ProcessGroup::Impl {
 void ProcessGroup::Impl::connect_store(Clock::time_point t0) {
   const std::string where = addr + ":" + std::to_string(port);
   try {
-    if (rank == 0) {
+    if (rank == 0 && !agent_store) {
       store = c10d_compat::make_tcp_store(addr, static_cast<std::uint16_t>(port), true, timeout);
     } else {
       // A client waits until `timeout` after t0. LibTorch's own connect loop does not keep to its
@@ -426,14 +445,17 @@ void ProcessGroup::Impl::connect_store(Clock::time_point t0) {
           break;
         } catch (const std::exception&) {
           if (Clock::now() + milliseconds(100) >= deadline) throw;
+          if (rendezvous_aborted()) throw RendezvousAborted();
           std::this_thread::sleep_for(milliseconds(100));
         }
       }
     }
+  } catch (const RendezvousAborted& e) {
+    throw DistributedError(prefix() + e.what());
   } catch (const std::exception& e) {
     const std::string cause = one_line(e);
     const std::string full = e.what();
-    if (rank == 0) {
+    if (rank == 0 && !agent_store) {
       if (contains(full, "Address already in use") || contains(full, "errno: 98") || contains(full, "EADDRINUSE")) {
         throw DistributedError(prefix() + "MASTER_PORT " + std::to_string(port) +
                                " is in use (another process on this host listens on it; choose a free MASTER_PORT)");
@@ -490,6 +512,8 @@ void ProcessGroup::Impl::join(Clock::time_point t0) {
       std::vector<bool> skip(size, false);
       for (int r : missing) skip[r] = true;
       await_any({"ack"}, Clock::now() + short_wait(milliseconds(2000)), skip);
+    } catch (const RendezvousAborted& e) {
+      throw DistributedError(prefix() + e.what());
     } catch (const std::exception& e) {
       if (verdict.empty()) verdict = "the rendezvous store failed: " + one_line(e);
     }
@@ -498,8 +522,15 @@ void ProcessGroup::Impl::join(Clock::time_point t0) {
   // Rank 0 gives its verdict at the latest `timeout` after it started; allow for a late start.
   std::string verdict;
   try {
-    keys->wait({"rendezvous"}, timeout + short_wait(milliseconds(5000)));
+    const auto until = Clock::now() + timeout + short_wait(milliseconds(5000));
+    while (!has("rendezvous")) {
+      if (Clock::now() >= until) throw std::runtime_error("no verdict within " + duration_text(timeout));
+      if (rendezvous_aborted()) throw RendezvousAborted();
+      std::this_thread::sleep_for(kPollInterval);
+    }
     verdict = get("rendezvous");
+  } catch (const RendezvousAborted& e) {
+    throw DistributedError(prefix() + e.what());
   } catch (const std::exception& e) {
     throw DistributedError(prefix() + "rank 0 (" + addr + ":" + std::to_string(port) +
                            ") did not complete the rendezvous: " + one_line(e));
@@ -539,13 +570,19 @@ void ProcessGroup::Impl::make_collectives() {
       }
     }
     if (devices.empty()) {
-      devices.push_back(is_loopback(addr) ? c10d_compat::gloo_device_for_hostname(addr == "localhost" ? "127.0.0.1" : addr)
-                                          : c10d_compat::gloo_default_device());
+      devices.push_back(is_loopback(addr)
+                            ? c10d_compat::gloo_device_for_hostname(addr == "localhost" ? "127.0.0.1" : addr)
+                            : c10d_compat::gloo_default_device());
     }
     coll = c10d_compat::make_gloo(coll_store, rank, size, timeout, devices);
   } catch (const std::exception& e) {
     throw DistributedError(prefix() + "cannot connect the " + backend + " group: " + one_line(e));
   }
+}
+
+void set_rendezvous_abort(std::function<bool()> should_abort) {
+  std::lock_guard<std::mutex> lock(g_abort_mu);
+  g_abort = std::move(should_abort);
 }
 
 ProcessGroup::ProcessGroup(const DistributedEnv& env, const std::string& backend, milliseconds timeout)
@@ -582,8 +619,17 @@ ProcessGroup::ProcessGroup(const DistributedEnv& env, const std::string& backend
     throw ConfigError("MASTER_PORT=" + std::to_string(m.port) + " is outside 1..65535");
   }
   const auto t0 = Clock::now();
+  if (env.agent_store && !c10d_compat::kJoinsAgentStore) {
+    throw ConfigError(m.prefix() +
+                      "TORCHELASTIC_USE_AGENT_STORE=True: torchrun hosts the rendezvous store, and this "
+                      "mae-pretrain, built against LibTorch " TORCH_VERSION
+                      ", cannot join it; build against "
+                      "LibTorch 2.x, or launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --rdzv-backend c10d, "
+                      "scripts/launch_local.sh or srun");
+  }
+  m.agent_store = env.agent_store;
   m.connect_store(t0);
-  m.keys = c10d_compat::prefixed("mae", m.store);
+  m.keys = c10d_compat::prefixed(env.restart.empty() ? "mae" : "mae/restart" + env.restart, m.store);
   m.join(t0);
   m.make_collectives();
 }
@@ -738,11 +784,11 @@ void ProcessGroup::check_same_config(const nlohmann::json& resolved, const std::
     try {
       return nlohmann::json::parse(m.get(round + std::to_string(r)));
     } catch (const nlohmann::json::exception& e) {
-      throw DistributedError(m.prefix() + "rank " + std::to_string(r) + "'s config in the store is not JSON: " +
-                             e.what());
+      throw DistributedError(m.prefix() + "rank " + std::to_string(r) +
+                             "'s config in the store is not JSON: " + e.what());
     } catch (const std::exception& e) {
-      throw DistributedError(m.prefix() + "cannot read rank " + std::to_string(r) + "'s config from the store: " +
-                             one_line(e));
+      throw DistributedError(m.prefix() + "cannot read rank " + std::to_string(r) +
+                             "'s config from the store: " + one_line(e));
     }
   };
   try {
@@ -899,7 +945,7 @@ struct GradientSync::Impl {
   bool armed = false;
   bool dirty = false;  // something was filled or launched since the last reset
   size_t next_launch = 0;
-  int64_t early = 0;           // buckets the hooks launched this step
+  int64_t early = 0;            // buckets the hooks launched this step
   int64_t last_overlapped = 0;  // `early` of the last finished step
   std::exception_ptr launch_error;
 

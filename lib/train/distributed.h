@@ -6,7 +6,8 @@
 // Debian's spdlog); everything c10d lives in distributed.cpp and c10d_compat.h. The library reports
 // errors only by exceptions and return values, never by logging.
 //
-// Store key protocol (all keys under "mae/" in the TCPStore that rank 0 hosts):
+// Store key protocol (all keys under "mae/" in the TCPStore that rank 0 hosts, or torchrun's agent
+// hosts: then under "mae/restart<n>/"):
 //   alive/<r>     = "<world_size>"   rank r connected (join). Rank 0 waits for all of them.
 //   rendezvous    = "ok <N>" | message  rank 0's verdict on the join (N: its world size); the others wait for it.
 //   ack/<r>                           rank r read a failed verdict (rank 0 waits briefly for it).
@@ -51,6 +52,11 @@ struct DistributedEnv {
   /// "torchrun" (RANK/WORLD_SIZE), "slurm" (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when
   /// RANK/WORLD_SIZE are unset) or "" when single-process.
   std::string source;
+  /// TORCHELASTIC_USE_AGENT_STORE=True: torchrun's agent hosts the TCPStore on MASTER_PORT, and
+  /// every rank (rank 0 too) connects to it as a client.
+  bool agent_store = false;
+  /// TORCHELASTIC_RESTART_COUNT: the keys of a restarted attempt live apart from earlier ones.
+  std::string restart;
   bool distributed() const { return world_size > 1; }
 };
 
@@ -65,6 +71,11 @@ DistributedEnv read_distributed_env(const std::function<const char*(const char*)
 /// Numbers compare by value (1 == 1.0), everything else by type and value.
 std::string first_difference(const nlohmann::json& a, const nlohmann::json& b);
 
+/// A check that the rendezvous waits of ProcessGroup's constructor poll (every 10-50 ms): when it
+/// returns true (the trainer passes "a SIGINT or SIGTERM arrived"), the wait ends at once with
+/// DistributedError "rank r: stopped by a signal during the rendezvous". {} = never.
+void set_rendezvous_abort(std::function<bool()> should_abort);
+
 class ProcessGroup {  // one per process; non-copyable
  public:
   /// Rendezvous through c10d::TCPStore at master_addr:master_port: rank 0 hosts it and waits up to
@@ -75,9 +86,9 @@ class ProcessGroup {  // one per process; non-copyable
   /// address (all ranks on this machine), else createDefaultDevice().
   /// A world of one needs no network: an in-process store, collectives are no-ops.
   /// Throws DistributedError with one line naming this rank and the cause:
-  ///   "rank 1: cannot reach the rendezvous store at 127.0.0.1:29501 within 5 s (MASTER_ADDR/MASTER_PORT; is rank 0 running?)"
-  ///   "rank 0: MASTER_PORT 29501 is in use (...)"
-  ///   "rank 0: only 1 of 2 ranks joined within 5 s (...)"  (rank 0; the joined ranks get it too)
+  ///   "rank 1: cannot reach the rendezvous store at 127.0.0.1:29501 within 5 s (MASTER_ADDR/MASTER_PORT; is rank 0
+  ///   running?)" "rank 0: MASTER_PORT 29501 is in use (...)" "rank 0: only 1 of 2 ranks joined within 5 s (...)" (rank
+  ///   0; the joined ranks get it too)
   ProcessGroup(const DistributedEnv& env, const std::string& backend, std::chrono::milliseconds timeout);
   /// Rank 0 first waits (up to min(timeout, 5 s)) for the other ranks' finished/<r>, unless they
   /// are known to be lost or report_failure ran. Never throws.

@@ -326,7 +326,10 @@ struct Trainer::Impl {
     device = resolve_device(config.device, env);
     run_dir = config.output.dir;
     if (device.is_cpu()) check_training_memory(config, physical_memory_bytes());
-    if (env.distributed()) setup_group();
+    if (env.distributed()) {
+      setup_group();
+      if (stopped_in_setup) return;
+    }
     setup_run_folder();
     setup_resume();
     if (g_stop_signal.load() && !env.distributed()) {
@@ -359,7 +362,16 @@ struct Trainer::Impl {
     }
     const auto timeout = std::chrono::milliseconds(config.distributed.timeout_s * 1000);
     setup_logging(std::nullopt, rank, world);  // rank-prefixed console until the run folder exists
-    group = std::make_unique<ProcessGroup>(env, backend, timeout);
+    set_rendezvous_abort([] { return g_stop_signal.load() != 0; });
+    try {
+      group = std::make_unique<ProcessGroup>(env, backend, timeout);
+    } catch (const DistributedError&) {
+      set_rendezvous_abort({});
+      if (g_stop_signal.load() == 0) throw;
+      stopped_in_setup = true;  // Ctrl-C or SIGTERM while waiting for the other ranks
+      return;
+    }
+    set_rendezvous_abort({});
     exchange("the config comparison", [&] { group->check_same_config(config_to_json(config), {"threads"}); });
     if (main) {
       spdlog::info("distributed: {} ranks ({} backend, rendezvous {}:{} from {}), timeout {} s", world, backend,

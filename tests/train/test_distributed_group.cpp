@@ -398,7 +398,7 @@ TEST(TwoRanks, BroadcastAllreduceBarrierStore) {
     auto c_base = torch::arange(6, torch::kDouble).reshape({2, 3}) / 3.0;
     auto big = torch::arange(7'000'000, torch::kFloat).remainder(1000.0);
     const auto a0 = a.clone(), b0 = b.clone(), c0 = c_base.t().clone(), big0 = big.clone();
-    at::Tensor c = c_base.t();  // a non-contiguous view
+    at::Tensor c = c_base.t();         // a non-contiguous view
     auto w = torch::nn::Linear(4, 3);  // a parameter that requires grad
     const auto w0 = w->weight.detach().clone();
     if (rank == 1) {
@@ -538,7 +538,8 @@ TEST(TwoRanks, GradientSyncAveragesGradients) {
       }
       rep.check(torch::equal(plain[i], overlapped[i]), "overlap on/off differ for parameter " + std::to_string(i));
       const double diff = (plain[i].to(torch::kDouble) - expected[i].to(torch::kDouble)).abs().max().item<double>();
-      rep.check(diff <= 1e-6, "parameter " + std::to_string(i) + " differs from the average by " + std::to_string(diff));
+      rep.check(diff <= 1e-6,
+                "parameter " + std::to_string(i) + " differs from the average by " + std::to_string(diff));
     }
     // Both ranks hold the same averages (rank 0 has no own gradient for `extra`).
     for (auto& t : plain) {
@@ -689,7 +690,8 @@ TEST(TwoRanks, KilledStoreHostIsNamedByThePeer) {
       const std::string line = g.describe_failure("all-reduce", e);
       const double total = seconds_since(t0);
       rep.info("failed after " + std::to_string(took) + " s, described after " + std::to_string(total) + " s: " + line);
-      rep.contains(line, "rank 1: lost rank 0, which hosts the rendezvous store (it stopped answering during all-reduce: ");
+      rep.contains(line,
+                   "rank 1: lost rank 0, which hosts the rendezvous store (it stopped answering during all-reduce: ");
       rep.check(total < kFailTimeout.count() / 1000.0 + kMargin, "took " + std::to_string(total) + " s");
     }
   });
@@ -706,10 +708,10 @@ TEST(Rendezvous, UnreachableStoreFailsWithinTheTimeout) {
     } catch (const DistributedError& e) {
       const double took = seconds_since(t0);
       rep.info("failed after " + std::to_string(took) + " s: " + e.what());
-      rep.check(std::string(e.what()) == "rank 1: cannot reach the rendezvous store at 127.0.0.1:" +
-                                             std::to_string(port) +
-                                             " within 2 s (MASTER_ADDR/MASTER_PORT; is rank 0 running?)",
-                std::string("message: ") + e.what());
+      rep.check(
+          std::string(e.what()) == "rank 1: cannot reach the rendezvous store at 127.0.0.1:" + std::to_string(port) +
+                                       " within 2 s (MASTER_ADDR/MASTER_PORT; is rank 0 running?)",
+          std::string("message: ") + e.what());
       rep.check(took < 2.0 + kMargin, "took " + std::to_string(took) + " s");
     }
   });
