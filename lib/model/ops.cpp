@@ -149,7 +149,8 @@ at::Tensor dropout(const at::Tensor& x, double p, const BatchSlice& slice) {
   shape[0] = global;
   // Drawn in float32 whatever x's dtype (autocast may hand bfloat16), so the noise never depends on it.
   auto keep = at::empty(shape, x.options().dtype(at::kFloat)).bernoulli_(1.0 - p);
-  if (global != rows) keep = keep.narrow(0, slice.offset, rows);
+  // clone: autograd saves the mask, and a view would keep the whole global batch's mask alive.
+  if (global != rows) keep = keep.narrow(0, slice.offset, rows).clone();
   return x * keep.div_(1.0 - p).to(x.scalar_type());
 }
 

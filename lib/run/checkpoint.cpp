@@ -220,15 +220,19 @@ nlohmann::json trainer_state_to_json(const TrainerState& s, const std::string& r
                         {"lr_peak", s.lr_peak},
                         {"total_steps", s.total_steps},
                         {"world_size", s.world_size},
-                        {"batch_size", s.batch_size}};
+                        {"batch_size", s.batch_size},
+                        {"base_step", s.base_step},
+                        {"base_skipped", s.base_skipped},
+                        {"base_read", s.base_read}};
 }
 
 TrainerState trainer_state_from_json(const nlohmann::json& j, const std::string& file) {
   if (!j.is_object()) throw CheckpointError(file + ": damaged (not a JSON object)");
-  check_keys(j,
-             {"run_id", "step", "epoch", "loader_epoch", "loader_batch", "nonfinite_skipped", "smoothed_loss",
-              "best_val_loss", "lr_peak", "total_steps", "world_size", "batch_size"},
-             file);
+  check_keys(
+      j,
+      {"run_id", "step", "epoch", "loader_epoch", "loader_batch", "nonfinite_skipped", "smoothed_loss", "best_val_loss",
+       "lr_peak", "total_steps", "world_size", "batch_size", "base_step", "base_skipped", "base_read"},
+      file);
   TrainerState s;
   constexpr int64_t kMax = kMaxCheckpointCount;
   s.step = int_field(j, "step", 0, kMax, file);
@@ -244,6 +248,9 @@ TrainerState trainer_state_from_json(const nlohmann::json& j, const std::string&
   // Recorded since distributed training; absent in older checkpoints (one rank, batch not recorded).
   s.world_size = int_field(j, "world_size", 1, kMaxWorldSize, file, false, 1);
   s.batch_size = int_field(j, "batch_size", 0, kMax, file, false, 0);
+  s.base_step = int_field(j, "base_step", 0, s.step, file, false, 0);
+  s.base_skipped = int_field(j, "base_skipped", 0, s.nonfinite_skipped, file, false, 0);
+  s.base_read = int_field(j, "base_read", 0, kMax, file, false, 0);
   s.smoothed_loss = optional_number(j, "smoothed_loss", file);
   s.best_val_loss = optional_number(j, "best_val_loss", file);
   if (const auto lr = optional_number(j, "lr_peak", file)) s.lr_peak = *lr;

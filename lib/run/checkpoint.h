@@ -48,15 +48,21 @@ struct TrainerState {
   int64_t total_steps = 0;              ///< steps the run was configured for
   int64_t world_size = 1;               ///< ranks that trained up to this checkpoint
   int64_t batch_size = 0;               ///< per-rank train.batch_size when written; 0 = not recorded
+  /// Where the run last changed its number of ranks (a resume on another world size): the step,
+  /// the skipped-batch count and the loader's batches read (epoch x batches per epoch + batch, in
+  /// batches of the new size) at that point; all 0 when it never did. The loader position is checked
+  /// against the steps since then.
+  int64_t base_step = 0, base_skipped = 0, base_read = 0;
 };
 
 /// trainer_state.json's content for `state` of run `run_id`.
 nlohmann::json trainer_state_to_json(const TrainerState& state, const std::string& run_id);
 
 /// Reads trainer_state.json's content strictly: every key known, integers where integers belong,
-/// each within [0, kMaxCheckpointCount] (world_size within [1, 1000000]). "world_size" and
-/// "batch_size" are optional (absent: 1 and 0, as in checkpoints written before they were
-/// recorded). CheckpointError naming `file` and the field.
+/// each within [0, kMaxCheckpointCount] (world_size within [1, 1000000]). "world_size",
+/// "batch_size" and the "base_*" fields are optional (absent: 1 and 0, as in checkpoints written
+/// before they were recorded); a base beyond the step or skipped count is refused.
+/// CheckpointError naming `file` and the field.
 TrainerState trainer_state_from_json(const nlohmann::json& j, const std::string& file);
 
 /// What a checkpoint records besides tensors.

@@ -760,7 +760,13 @@ ProcessGroup::Pending ProcessGroup::allreduce_sum_async(at::Tensor& t) {
   p.s_->group = &m;
   if (m.size == 1) return p;
   p.s_->target = t;
-  p.s_->buffer = t.is_contiguous() ? t : t.contiguous();
+  if (m.backend == "nccl" && !t.is_cuda()) {
+    // NCCL reduces CUDA tensors only: small CPU values (losses, flags, counts) go through this
+    // rank's GPU and back.
+    p.s_->buffer = t.to(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(m.local_rank)));
+  } else {
+    p.s_->buffer = t.is_contiguous() ? t : t.contiguous();
+  }
   p.s_->work = m.allreduce(p.s_->buffer, "all-reduce");
   return p;
 }

@@ -286,6 +286,7 @@ struct Trainer::Impl {
 
   // Position and counters (TrainerState).
   int64_t step = 0, skipped = 0, start_step = 0, last_saved_step = -1;
+  int64_t base_step = 0, base_skipped = 0, base_read = 0;  // TrainerState's last change of world size
   double smoothed = std::nan("");
   std::optional<double> best_val;
   LoaderPosition position;
@@ -349,6 +350,14 @@ struct Trainer::Impl {
       stopped_in_setup = true;
       return;
     }
+    if (group) {
+      // Every rank must train on the same lists (with on_bad_volume "skip" a rank could drop a
+      // volume the others keep, e.g. after a read error on one node).
+      nlohmann::json lists = {{"training", nlohmann::json::array()}, {"validation", nlohmann::json::array()}};
+      for (const auto& e : data.train) lists["training"].push_back(e.name());
+      for (const auto& e : data.val) lists["validation"].push_back(e.name());
+      exchange("the data-list comparison", [&] { group->check_same_config({{"usable volumes", lists}}); });
+    }
     build_model();
     setup_loader_and_state();
     log_summary();
@@ -400,13 +409,24 @@ struct Trainer::Impl {
   // the others, so that all read the same one.
   void setup_resume() {
     if (main) {
-      if (options.resume) {
-        resume_lock = lock_checkpoint(options.resume_from.empty() ? run_dir.string() : options.resume_from);
-        resume_dir = resume_lock.dir();
-      } else if (!options.dry_run && !latest_checkpoint(run_dir.string()).empty()) {
-        throw ConfigError("\"output.dir\" = \"" + run_dir.string() +
-                          "\" already holds checkpoints; pass --resume to continue that run or choose another "
-                          "output.dir");
+      try {
+        if (options.resume) {
+          resume_lock = lock_checkpoint(options.resume_from.empty() ? run_dir.string() : options.resume_from);
+          resume_dir = resume_lock.dir();
+        } else if (!options.dry_run && !latest_checkpoint(run_dir.string()).empty()) {
+          throw ConfigError("\"output.dir\" = \"" + run_dir.string() +
+                            "\" already holds checkpoints; pass --resume to continue that run or choose another "
+                            "output.dir");
+        }
+      } catch (const std::exception& e) {
+        // The other ranks wait for the checkpoint's name: tell them why there is none.
+        if (group) {
+          try {
+            group->store_set("mae3d/resume_dir", std::string("!") + e.what());
+          } catch (const std::exception&) {  // the store is gone too: the others notice that
+          }
+        }
+        throw;
       }
     }
     if (group) {
@@ -415,6 +435,7 @@ struct Trainer::Impl {
         if (main) group->store_set("mae3d/resume_dir", resume_dir.empty() ? "-" : resume_dir);
         dir = group->store_get("mae3d/resume_dir");
       });
+      if (!dir.empty() && dir[0] == '!') throw Error("rank 0 failed: " + dir.substr(1));
       if (!main && dir != "-") {
         resume_lock = lock_checkpoint(dir);
         resume_dir = resume_lock.dir();
@@ -528,9 +549,13 @@ struct Trainer::Impl {
                             " is outside an epoch of " + std::to_string(per_epoch) + " batches of " +
                             std::to_string(saved_global) + " crops");
     }
-    const __int128 read = static_cast<__int128>(start.epoch) * per_epoch + start.batch;
-    const __int128 least = static_cast<__int128>(step) * accum + skipped;
-    const __int128 most = static_cast<__int128>(step + skipped) * accum;
+    // Since the last change of world size (base_*; all 0 when there was none).
+    base_step = s.base_step;
+    base_skipped = s.base_skipped;
+    base_read = s.base_read;
+    const __int128 read = static_cast<__int128>(start.epoch) * per_epoch + start.batch - base_read;
+    const __int128 least = static_cast<__int128>(step - base_step) * accum + (skipped - base_skipped);
+    const __int128 most = static_cast<__int128>(step - base_step + skipped - base_skipped) * accum;
     if (read < least || read > most) {
       throw CheckpointError(state_file + ": loader position (\"loader_epoch\" " + std::to_string(start.epoch) +
                             ", \"loader_batch\" " + std::to_string(start.batch) + ") does not fit \"step\" " +
@@ -558,6 +583,9 @@ struct Trainer::Impl {
             start.epoch, moved.batch, saved_world);
       }
       start = moved;
+      base_step = step;
+      base_skipped = skipped;
+      base_read = moved.epoch * (items / global) + moved.batch;
     }
     smoothed = s.smoothed_loss ? *s.smoothed_loss : std::nan("");
     best_val = s.best_val_loss;
@@ -656,6 +684,9 @@ struct Trainer::Impl {
     t.total_steps = total;
     t.world_size = world;
     t.batch_size = config.train.batch_size;
+    t.base_step = base_step;
+    t.base_skipped = base_skipped;
+    t.base_read = base_read;
     return t;
   }
 
@@ -801,6 +832,7 @@ struct Trainer::Impl {
       write_checkpoint(
           true, std::nullopt, position,
           "the loss was not finite (" + std::to_string(loss_value) + ") at step " + std::to_string(step + 1));
+      barrier("the diverged checkpoint");  // the other ranks end only once it is written
       throw Error("step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(loss_value) + ")" +
                   (main ? "; checkpoint " + result.checkpoint + " marked diverged" : std::string()) +
                   ". Lower train.lr, enable train.grad_clip_norm, or set train.on_nonfinite \"skip\"");
@@ -984,7 +1016,8 @@ struct Trainer::Impl {
 };
 
 Trainer::Trainer(const Config& config, const TrainOptions& options) : impl_(std::make_unique<Impl>(config, options)) {
-  if (g_stop_signal.load()) {
+  // Distributed, a stop is agreed with the other ranks (or ends the rendezvous wait) instead.
+  if (g_stop_signal.load() && !read_distributed_env().distributed()) {
     impl_->stopped_in_setup = true;
     return;
   }

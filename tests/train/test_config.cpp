@@ -373,6 +373,19 @@ TEST(TrainerStateJson, WorldSizeAndBatchSizeRoundTripAndAreOptional) {
     return "";
   };
   EXPECT_HAS(error_of_state("world_size", 0), "trainer_state.json: \"world_size\" = 0 is out of range");
+  // The last change of world size: round trip, absent = 0, never beyond the step or skipped count.
+  s.base_step = 5;
+  s.nonfinite_skipped = 2;
+  s.base_skipped = 1;
+  s.base_read = 11;
+  const auto moved = mae::trainer_state_from_json(mae::trainer_state_to_json(s, "0123456789abcdef"), "t.json");
+  EXPECT_EQ(moved.base_step, 5);
+  EXPECT_EQ(moved.base_skipped, 1);
+  EXPECT_EQ(moved.base_read, 11);
+  EXPECT_EQ(legacy.base_step, 0);
+  EXPECT_EQ(legacy.base_read, 0);
+  EXPECT_HAS(error_of_state("base_step", 8), "\"base_step\" = 8 is out of range");
+  EXPECT_HAS(error_of_state("base_skipped", 1), "\"base_skipped\" = 1 is out of range");
   EXPECT_HAS(error_of_state("world_size", 1000001), "\"world_size\" = 1000001 is out of range");
   EXPECT_HAS(error_of_state("world_size", 2.5), "\"world_size\" is the fraction 2.5");
   EXPECT_HAS(error_of_state("batch_size", -1), "\"batch_size\" = -1 is out of range");
