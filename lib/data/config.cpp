@@ -1,6 +1,7 @@
 // Strict reading and validation of the `data` config section.
 #include "data/config.h"
 
+#include <array>
 #include <cmath>
 #include <sstream>
 #include <vector>
@@ -13,6 +14,33 @@ std::string num(double v) {
   std::ostringstream os;
   os << v;
   return os.str();
+}
+
+std::string range_text(const std::array<double, 2>& r) { return "[" + num(r[0]) + ", " + num(r[1]) + "]"; }
+
+// An intensity_aug range: lo <= hi, each in (0, max] when `positive`, else in [-max, max].
+void check_aug_range(const std::string& key, const std::array<double, 2>& r, bool positive, double max) {
+  const std::string name = "\"data.intensity_aug." + key + "\"";
+  for (double v : r) {
+    const bool ok = std::isfinite(v) && (positive ? v > 0.0 && v <= max : std::fabs(v) <= max);
+    if (!ok) {
+      throw ConfigError(name + " = " + range_text(r) + " is out of range; allowed: each " +
+                        (positive ? "more than 0 .. " + num(max) : num(-max) + " .. " + num(max)));
+    }
+  }
+  if (!(r[0] <= r[1])) throw ConfigError(name + " = " + range_text(r) + " must be [lo, hi] with lo <= hi");
+}
+
+// Reads an intensity_aug range [lo, hi] (a list of two numbers) when present.
+void read_aug_range(JsonReader& r, const std::string& key, std::array<double, 2>& field) {
+  const nlohmann::json* v = r.raw(key);
+  if (!v) return;
+  const auto name = r.key_path(key);
+  if (!v->is_array() || v->size() != 2) {
+    throw ConfigError("\"" + name + "\" = " + json_text(*v) + " must be [lo, hi], a list of two numbers");
+  }
+  const auto pair = JsonReader::convert<std::vector<double>>(*v, name);
+  field = {pair[0], pair[1]};
 }
 
 }  // namespace
@@ -66,6 +94,13 @@ void validate_data_config(const DataConfig& c) {
   if (c.foreground_threshold && !std::isfinite(*c.foreground_threshold)) {
     throw ConfigError("\"data.foreground_threshold\" must be a finite number or null");
   }
+  const auto& aug = c.intensity_aug;
+  if (!(aug.prob >= 0.0 && aug.prob <= 1.0)) {
+    throw ConfigError("\"data.intensity_aug.prob\" = " + num(aug.prob) + " is out of range; allowed: 0 .. 1");
+  }
+  check_aug_range("scale", aug.scale, true, kMaxAugScale);
+  check_aug_range("shift", aug.shift, false, kMaxAugShift);
+  check_aug_range("gamma", aug.gamma, true, kMaxAugScale);
   const double values[] = {in.a_min, in.a_max, in.b_min, in.b_max};
   for (double v : values) {
     if (!std::isfinite(v) || std::fabs(v) > kMaxIntensity) {
@@ -120,6 +155,14 @@ DataConfig read_data_config(JsonReader& r) {
   }
   r.read_range<int64_t>("num_samples", c.num_samples, 1, 4096);
   r.read_range("flip_prob", c.flip_prob, 0.0, 1.0);
+  {
+    JsonReader aug = r.child("intensity_aug");
+    aug.read_range("prob", c.intensity_aug.prob, 0.0, 1.0);
+    read_aug_range(aug, "scale", c.intensity_aug.scale);
+    read_aug_range(aug, "shift", c.intensity_aug.shift);
+    read_aug_range(aug, "gamma", c.intensity_aug.gamma);
+    aug.finish();
+  }
   r.read_range("workers", c.workers, 0, 256);
   r.read_range("prefetch", c.prefetch, 1, 1024);
   r.read("cache_dir", c.cache_dir);

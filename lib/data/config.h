@@ -30,6 +30,19 @@
 //                            intensity); null = off. A volume with no such voxel is kept whole.
 //   num_samples        1     random crops taken per volume read (consecutive in a batch).
 //   flip_prob          0.0   probability of flipping each spatial axis of a crop.
+//   intensity_aug            object: random intensity augmentation of each crop, after crop and flips
+//                            (the same draw for every channel of the crop):
+//     prob             0.0     probability that a crop is augmented at all (0 = off). An augmented crop
+//                            gets, in this order, gamma g ~ log-uniform(gamma): each channel rescaled
+//                            to [0, 1] by its own min/max, raised to g and mapped back to that min/max
+//                            (a constant channel is left alone; MONAI's RandAdjustContrast), then
+//                            x * s + b with s ~ U(scale), b ~ U(shift). Every voxel is changed,
+//                            padding and zscore_nonzero's zero background included (as in MONAI).
+//                            Drawn from the crop's item seed in a stream of its own, so crops and
+//                            flips are the same with and without it; validation crops never get it.
+//     scale            [0.9, 1.1]  [lo, hi], each more than 0 and at most 10, lo <= hi.
+//     shift            [-0.1, 0.1] [lo, hi] in units of the normalised intensity, at most 1e6 in size.
+//     gamma            [0.7, 1.5]  [lo, hi], each more than 0 and at most 10, lo <= hi.
 //   workers            2     loader threads (0 = load in the consumer's thread).
 //   prefetch           4     ready batches queued ahead of the consumer.
 //   cache_dir          ""    folder of the preprocessed-volume cache; "" = the caller decides, still
@@ -63,6 +76,11 @@ inline constexpr double kMaxTargetSpacingMm = 100.0;
 /// scanner's scale, and small enough that differences of them stay finite in float32.
 inline constexpr double kMaxIntensity = 1e12;
 
+/// Largest multiplier and gamma of data.intensity_aug (both must also be more than 0).
+inline constexpr double kMaxAugScale = 10.0;
+/// Largest magnitude of data.intensity_aug's shift.
+inline constexpr double kMaxAugShift = 1e6;
+
 /// Intensity normalisation, applied per channel after resampling.
 struct IntensityConfig {
   std::string mode = "none";       ///< "ct_window" | "zscore_nonzero" | "percentile" | "none"
@@ -75,6 +93,14 @@ struct IntensityConfig {
   double upper_percentile = 99.5;  ///< percentile: upper percentile (0 .. 100)
 };
 
+/// Random intensity augmentation of each crop (`data.intensity_aug`); see the file comment.
+struct IntensityAugConfig {
+  double prob = 0.0;                       ///< probability that a crop is augmented, 0 = off
+  std::array<double, 2> scale{0.9, 1.1};   ///< multiplier s ~ U(lo, hi)
+  std::array<double, 2> shift{-0.1, 0.1};  ///< offset b ~ U(lo, hi), added after scaling
+  std::array<double, 2> gamma{0.7, 1.5};   ///< exponent g ~ log-uniform(lo, hi), applied first
+};
+
 /// The `data` section; see the file comment for each key's meaning.
 struct DataConfig {
   std::string dataset;                              ///< dataset.json, text list, folder or one volume
@@ -85,6 +111,7 @@ struct DataConfig {
   std::optional<double> foreground_threshold;       ///< foreground crop threshold, nullopt = off
   int64_t num_samples = 1;                          ///< random crops per volume read
   double flip_prob = 0.0;                           ///< flip probability per spatial axis
+  IntensityAugConfig intensity_aug;                 ///< random intensity augmentation per crop
   int workers = 2;                                  ///< loader threads, 0 = inline
   int prefetch = 4;                                 ///< batches queued ahead
   std::string cache_dir;                            ///< disk cache folder, "" = none
@@ -94,12 +121,13 @@ struct DataConfig {
   double dicom_slice_tolerance = 0.1;               ///< DICOM: accepted slice-spacing jitter (relative)
 };
 
-/// Reads the `data` section strictly: unknown keys (also inside "intensity") are ConfigErrors
-/// suggesting the closest key, as are wrong types and out-of-range values. Calls r.finish().
+/// Reads the `data` section strictly: unknown keys (also inside "intensity" and "intensity_aug") are
+/// ConfigErrors suggesting the closest key, as are wrong types and out-of-range values. Calls r.finish().
 DataConfig read_data_config(JsonReader& r);
 
 /// Checks cross-field rules (a_max > a_min, percentiles ordered, valid orientation code, positive
-/// spacing); ConfigError naming the key. read_data_config calls it; call it after editing a config.
+/// spacing, intensity_aug ranges ordered and in range); ConfigError naming the key. read_data_config
+/// calls it; call it after editing a config.
 void validate_data_config(const DataConfig& config);
 
 /// True for a valid orientation code: three letters, one each of {R,L}, {A,P}, {S,I}.

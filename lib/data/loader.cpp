@@ -139,7 +139,11 @@ struct Loader::Impl {
                        opt.crop_size[2], pad);
         }
       }
-      crops.push_back(random_crop(*x, opt.crop_size, config.flip_prob, item_seed(opt.seed, b.epoch, item), pad));
+      const uint64_t seed = item_seed(opt.seed, b.epoch, item);
+      at::Tensor crop = random_crop(*x, opt.crop_size, config.flip_prob, seed, pad);
+      if (config.intensity_aug.prob > 0.0)
+        crop = apply_intensity_aug(crop, draw_intensity_aug(config.intensity_aug, seed));
+      crops.push_back(std::move(crop));
       b.volumes.push_back(v);
       b.items.push_back(item);
     }

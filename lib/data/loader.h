@@ -5,10 +5,10 @@
 // shuffle); each volume gives num_samples consecutive items. Batches are cut from that item order
 // in global batches of batch_size x world_size items, and rank r takes items r*batch_size ..
 // (r+1)*batch_size - 1 of each global batch, so N ranks together see exactly the batches one
-// process with batch_size x N sees. Item i (its position in the epoch order) draws its crop and
-// flips from item_seed(seed, e, i) alone, so batches are bit-identical for any number of worker
-// threads or ranks, and a loader started at position (e, b) yields exactly the batches an
-// uninterrupted run yields from there.
+// process with batch_size x N sees. Item i (its position in the epoch order) draws its crop, flips
+// and intensity augmentation from item_seed(seed, e, i) alone, so batches are bit-identical for any
+// number of worker threads or ranks, and a loader started at position (e, b) yields exactly the
+// batches an uninterrupted run yields from there.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -25,6 +25,14 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+constexpr uint64_t kIntensityAugTag = 0x696E74656E736974ULL;  // "intensit"
+
+// lo + (hi - lo) * u, exactly lo when lo == hi, never outside [lo, hi].
+double lerp_range(const std::array<double, 2>& r, double u) {
+  if (r[0] == r[1]) return r[0];
+  return std::clamp(r[0] + (r[1] - r[0]) * u, r[0], r[1]);
+}
+
 }  // namespace
 
 at::Tensor ct_window(const at::Tensor& x, double a_min, double a_max, double b_min, double b_max, bool clip) {
@@ -88,7 +96,8 @@ at::Tensor percentile_scale(const at::Tensor& x, double lower, double upper, dou
 at::Tensor apply_intensity(const at::Tensor& x, const IntensityConfig& c) {
   if (c.mode == "ct_window") return ct_window(x, c.a_min, c.a_max, c.b_min, c.b_max, c.clip);
   if (c.mode == "zscore_nonzero") return zscore_nonzero(x);
-  if (c.mode == "percentile") return percentile_scale(x, c.lower_percentile, c.upper_percentile, c.b_min, c.b_max, c.clip);
+  if (c.mode == "percentile")
+    return percentile_scale(x, c.lower_percentile, c.upper_percentile, c.b_min, c.b_max, c.clip);
   if (c.mode == "none" || c.mode.empty()) return x.to(at::kFloat);
   throw ConfigError("\"data.intensity.mode\" = \"" + c.mode + "\" is not a known mode");
 }
@@ -101,7 +110,8 @@ std::array<int64_t, 6> foreground_box(const at::Tensor& x, double threshold) {
   const int64_t sizes[3] = {D, H, W};
   for (int axis = 0; axis < 3; ++axis) {
     std::vector<int64_t> other;
-    for (int a = 0; a < 3; ++a) if (a != axis) other.push_back(a);
+    for (int a = 0; a < 3; ++a)
+      if (a != axis) other.push_back(a);
     at::Tensor any = fg.any(other[1]).any(other[0]);  // (size of axis)
     at::Tensor idx = any.nonzero();
     if (idx.numel() == 0) return {0, 0, 0, D, H, W};
@@ -144,9 +154,7 @@ at::Tensor pad_to_size(const at::Tensor& x, const Dhw& min_size, double value) {
   return y;
 }
 
-double pad_value(const IntensityConfig& c) {
-  return (c.mode == "ct_window" || c.mode == "percentile") ? c.b_min : 0.0;
-}
+double pad_value(const IntensityConfig& c) { return (c.mode == "ct_window" || c.mode == "percentile") ? c.b_min : 0.0; }
 
 uint64_t item_seed(uint64_t seed, int64_t epoch, int64_t item) {
   uint64_t h = splitmix64(seed);
@@ -175,7 +183,8 @@ at::Tensor apply_crop(const at::Tensor& x, const CropDraw& d, const Dhw& crop) {
                      .slice(2, d.start[1], d.start[1] + crop[1])
                      .slice(3, d.start[2], d.start[2] + crop[2]);
   std::vector<int64_t> dims;
-  for (int a = 0; a < 3; ++a) if (d.flip[a]) dims.push_back(a + 1);
+  for (int a = 0; a < 3; ++a)
+    if (d.flip[a]) dims.push_back(a + 1);
   return dims.empty() ? y.clone(at::MemoryFormat::Contiguous) : at::flip(y, dims).contiguous();
 }
 
@@ -183,6 +192,47 @@ at::Tensor random_crop(const at::Tensor& x, const Dhw& crop, double flip_prob, u
   at::Tensor p = pad_to_size(x, crop, pad);
   const CropDraw d = draw_crop({p.size(1), p.size(2), p.size(3)}, crop, flip_prob, rng_seed);
   return apply_crop(p, d, crop);
+}
+
+IntensityAugDraw draw_intensity_aug(const IntensityAugConfig& c, uint64_t rng_seed) {
+  std::mt19937_64 rng(splitmix64(rng_seed ^ kIntensityAugTag));
+  auto uniform = [&rng] { return static_cast<double>(rng() >> 11) * 0x1.0p-53; };
+  IntensityAugDraw d;
+  if (!(uniform() < c.prob)) return d;
+  d.apply = true;
+  const double us = uniform(), ub = uniform(), ug = uniform();
+  d.scale = lerp_range(c.scale, us);
+  d.shift = lerp_range(c.shift, ub);
+  const std::array<double, 2> log_gamma{std::log(c.gamma[0]), std::log(c.gamma[1])};
+  d.gamma =
+      c.gamma[0] == c.gamma[1] ? c.gamma[0] : std::clamp(std::exp(lerp_range(log_gamma, ug)), c.gamma[0], c.gamma[1]);
+  return d;
+}
+
+at::Tensor apply_intensity_aug(const at::Tensor& x, const IntensityAugDraw& d) {
+  check_cdhw(x, "apply_intensity_aug");
+  if (!d.apply) return x;
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  y.copy_(x);
+  const int64_t n = y.numel() / std::max<int64_t>(y.size(0), 1);
+  float* data = y.data_ptr<float>();
+  for (int64_t c = 0; c < y.size(0); ++c) {
+    float* p = data + c * n;
+    if (d.gamma != 1.0 && n > 0) {
+      const auto [lo_it, hi_it] = std::minmax_element(p, p + n);
+      const double lo = *lo_it, hi = *hi_it, range = hi - lo;
+      if (range > 0.0) {
+        for (int64_t i = 0; i < n; ++i) {
+          const double v = lo + range * std::pow((p[i] - lo) / range, d.gamma);
+          p[i] = static_cast<float>(std::clamp(v, lo, hi));
+        }
+      }
+    }
+    if (d.scale != 1.0 || d.shift != 0.0) {
+      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(static_cast<double>(p[i]) * d.scale + d.shift);
+    }
+  }
+  return y;
 }
 
 }  // namespace mae

@@ -1,6 +1,7 @@
 // Preprocessing on tensors. Deterministic transforms (intensity normalisation, foreground crop) run
-// once per volume and are cached; random ones (pad, crop, flip) run for every item of every epoch
-// with a random state derived only from (seed, epoch, item), so results do not depend on threads.
+// once per volume and are cached; random ones (pad, crop, flip, intensity augmentation) run for every
+// item of every epoch with a random state derived only from (seed, epoch, item), so results do not
+// depend on threads.
 // All volumes are float32 (C, D, H, W); sizes and positions are given in (D, H, W) order.
 #pragma once
 
@@ -56,7 +57,7 @@ double pad_value(const IntensityConfig& config);
 
 /// The random choices for one item: where its crop starts and which axes it flips.
 struct CropDraw {
-  Dhw start{0, 0, 0};                    ///< crop start (D, H, W)
+  Dhw start{0, 0, 0};                             ///< crop start (D, H, W)
   std::array<bool, 3> flip{false, false, false};  ///< flip along D, H, W
 };
 
@@ -72,5 +73,25 @@ at::Tensor apply_crop(const at::Tensor& x, const CropDraw& draw, const Dhw& crop
 
 /// pad_to_size + draw_crop + apply_crop: x: (C, D, H, W) -> (C, crop_d, crop_h, crop_w).
 at::Tensor random_crop(const at::Tensor& x, const Dhw& crop, double flip_prob, uint64_t rng_seed, double pad);
+
+/// The random choices of one crop's intensity augmentation; the defaults change nothing.
+struct IntensityAugDraw {
+  bool apply = false;  ///< false: the crop is left as it is
+  double scale = 1.0;  ///< multiplier s
+  double shift = 0.0;  ///< offset b, added after scaling
+  double gamma = 1.0;  ///< exponent g, applied before scale and shift
+};
+
+/// Draws an item's intensity augmentation from std::mt19937_64 seeded with a mix of `rng_seed` (the
+/// item's seed, the one draw_crop takes) and a tag of its own, so the crop's stream is untouched:
+/// applied with probability config.prob; then s ~ U(scale), b ~ U(shift), g ~ log-uniform(gamma)
+/// (each exactly lo when lo == hi). Not applied: the defaults.
+IntensityAugDraw draw_intensity_aug(const IntensityAugConfig& config, uint64_t rng_seed);
+
+/// Applies a draw: x: (C, D, H, W) -> same shape, float32. Per channel, with its min m and max M:
+/// x -> m + (M - m) * ((x - m) / (M - m))^g (left alone when M == m or g == 1, so m and M stay), then
+/// x * s + b; every voxel, computed in double one voxel at a time (the same bits for any number of
+/// threads). Returns x itself when `draw.apply` is false, otherwise a new contiguous tensor.
+at::Tensor apply_intensity_aug(const at::Tensor& x, const IntensityAugDraw& draw);
 
 }  // namespace mae

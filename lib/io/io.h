@@ -115,4 +115,8 @@ Volume resample(const Volume& volume, const std::array<double, 3>& spacing_mm);
 /// Resamples `volume` onto the grid (size, spacing, origin, direction) of `reference` (linear).
 Volume resample_like(const Volume& volume, const Volume& reference);
 
+/// Resamples a label volume onto the grid of `reference` with nearest-neighbour interpolation (label
+/// values are kept exactly); points outside the label volume get 0 (background).
+Volume resample_labels_like(const Volume& labels, const Volume& reference);
+
 }  // namespace mae

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <itkLinearInterpolateImageFunction.h>
 #include <itkNearestNeighborExtrapolateImageFunction.h>
+#include <itkNearestNeighborInterpolateImageFunction.h>
 #include <itkRecursiveGaussianImageFilter.h>
 #include <itkResampleImageFilter.h>
 
@@ -33,11 +34,14 @@ void check_volume(const Volume& volume, const char* what) {
   }
 }
 
-// Resamples every channel of `volume` onto the grid given by `grid` (its data only gives sizes).
-Volume resample_onto(const Volume& volume, const Volume& grid, const std::array<double, 3>& sigma_mm) {
+// Resamples every channel of `volume` onto the grid given by `grid` (its data only gives sizes):
+// linear with nearest-neighbour extrapolation by half a voxel, or (nearest) nearest neighbour with
+// 0 outside the volume.
+Volume resample_onto(const Volume& volume, const Volume& grid, const std::array<double, 3>& sigma_mm,
+                     bool nearest = false) {
   io_detail::ensure_itk_setup();
-  const Volume input{volume.data.to(at::kCPU, at::kFloat).contiguous(), volume.spacing,
-                     volume.origin, volume.direction};
+  const Volume input{volume.data.to(at::kCPU, at::kFloat).contiguous(), volume.spacing, volume.origin,
+                     volume.direction};
   const auto out_dhw = grid.shape_dhw();
   FloatImage::SizeType size;
   size[0] = static_cast<itk::SizeValueType>(out_dhw[2]);
@@ -65,9 +69,12 @@ Volume resample_onto(const Volume& volume, const Volume& grid, const std::array<
       }
       auto resampler = itk::ResampleImageFilter<FloatImage, FloatImage>::New();
       resampler->SetInput(image);
-      resampler->SetInterpolator(itk::LinearInterpolateImageFunction<FloatImage, double>::New());
-      resampler->SetExtrapolator(
-          itk::NearestNeighborExtrapolateImageFunction<FloatImage, double>::New());
+      if (nearest) {
+        resampler->SetInterpolator(itk::NearestNeighborInterpolateImageFunction<FloatImage, double>::New());
+      } else {
+        resampler->SetInterpolator(itk::LinearInterpolateImageFunction<FloatImage, double>::New());
+        resampler->SetExtrapolator(itk::NearestNeighborExtrapolateImageFunction<FloatImage, double>::New());
+      }
       resampler->SetSize(size);
       resampler->SetOutputSpacing(geometry->GetSpacing());
       resampler->SetOutputOrigin(geometry->GetOrigin());
@@ -79,8 +86,7 @@ Volume resample_onto(const Volume& volume, const Volume& grid, const std::array<
   } catch (const itk::ExceptionObject& e) {
     throw Error(std::string("resampling failed: ") + e.GetDescription());
   }
-  Volume out{channels.size() == 1 ? channels.front() : at::cat(channels, 0), grid.spacing,
-             grid.origin, grid.direction};
+  Volume out{channels.size() == 1 ? channels.front() : at::cat(channels, 0), grid.spacing, grid.origin, grid.direction};
   return out;
 }
 
@@ -90,9 +96,8 @@ Volume resample(const Volume& volume, const std::array<double, 3>& spacing_mm) {
   check_volume(volume, "resample");
   for (double s : spacing_mm) {
     if (!(s > 0.0) || !std::isfinite(s)) {
-      throw ConfigError("resample: spacing must be positive and finite, got " +
-                        std::to_string(spacing_mm[0]) + " " + std::to_string(spacing_mm[1]) + " " +
-                        std::to_string(spacing_mm[2]));
+      throw ConfigError("resample: spacing must be positive and finite, got " + std::to_string(spacing_mm[0]) + " " +
+                        std::to_string(spacing_mm[1]) + " " + std::to_string(spacing_mm[2]));
     }
   }
   const auto dhw = volume.shape_dhw();
@@ -103,12 +108,10 @@ Volume resample(const Volume& volume, const std::array<double, 3>& spacing_mm) {
     const double extent = static_cast<double>(in_xyz[i]) * volume.spacing[i];
     out_xyz[i] = std::max<int64_t>(1, std::llround(extent / spacing_mm[i]));
     if (spacing_mm[i] > volume.spacing[i]) {
-      sigma_mm[i] = std::sqrt(spacing_mm[i] * spacing_mm[i] - volume.spacing[i] * volume.spacing[i]) /
-                    kFwhmPerSigma;
+      sigma_mm[i] = std::sqrt(spacing_mm[i] * spacing_mm[i] - volume.spacing[i] * volume.spacing[i]) / kFwhmPerSigma;
     }
   }
-  Volume grid{at::empty({1, out_xyz[2], out_xyz[1], out_xyz[0]}), spacing_mm, volume.origin,
-              volume.direction};
+  Volume grid{at::empty({1, out_xyz[2], out_xyz[1], out_xyz[0]}), spacing_mm, volume.origin, volume.direction};
   return resample_onto(volume, grid, sigma_mm);
 }
 
@@ -116,6 +119,12 @@ Volume resample_like(const Volume& volume, const Volume& reference) {
   check_volume(volume, "resample_like");
   check_volume(reference, "resample_like reference");
   return resample_onto(volume, reference, {0.0, 0.0, 0.0});
+}
+
+Volume resample_labels_like(const Volume& labels, const Volume& reference) {
+  check_volume(labels, "resample_labels_like");
+  check_volume(reference, "resample_labels_like reference");
+  return resample_onto(labels, reference, {0.0, 0.0, 0.0}, /*nearest=*/true);
 }
 
 }  // namespace mae

@@ -315,7 +315,7 @@ CheckpointInfo read_checkpoint_info(const std::string& dir) {
   }
   check_keys(meta,
              {"format", "format_version", "mae3d_version", "libtorch_version", "run_id", "step", "config_digest",
-              "diverged", "diverged_reason", "val_loss"},
+              "diverged", "diverged_reason", "val_loss", "probe_score"},
              meta_path);
   string_field(meta, "mae3d_version", meta_path, false);
   string_field(meta, "libtorch_version", meta_path, false);
@@ -331,6 +331,7 @@ CheckpointInfo read_checkpoint_info(const std::string& dir) {
   info.diverged_reason = string_field(meta, "diverged_reason", meta_path, false);
   if (info.diverged && info.diverged_reason.empty()) info.diverged_reason = "the loss became non-finite";
   info.val_loss = optional_number(meta, "val_loss", meta_path);
+  info.probe_score = optional_number(meta, "probe_score", meta_path);
 
   const std::string config_path = (d / "config.json").string();
   info.config = read_json(config_path);

@@ -67,13 +67,14 @@ TrainerState trainer_state_from_json(const nlohmann::json& j, const std::string&
 
 /// What a checkpoint records besides tensors.
 struct CheckpointInfo {
-  int64_t step = 0;                ///< optimizer steps done
-  std::string run_id;              ///< run the checkpoint belongs to ("" when saving: a new id is drawn)
-  nlohmann::json config;           ///< resolved run config
-  TrainerState trainer_state;      ///< position and counters (its step is set to `step` when saving)
-  bool diverged = false;           ///< written because the loss became non-finite
-  std::string diverged_reason;     ///< why, in words, when diverged
-  std::optional<double> val_loss;  ///< validation loss at this step, when measured
+  int64_t step = 0;                   ///< optimizer steps done
+  std::string run_id;                 ///< run the checkpoint belongs to ("" when saving: a new id is drawn)
+  nlohmann::json config;              ///< resolved run config
+  TrainerState trainer_state;         ///< position and counters (its step is set to `step` when saving)
+  bool diverged = false;              ///< written because the loss became non-finite
+  std::string diverged_reason;        ///< why, in words, when diverged
+  std::optional<double> val_loss;     ///< validation loss at this step, when measured
+  std::optional<double> probe_score;  ///< linear-probe score (R² or accuracy) at this step, when probed
 };
 
 /// A new random run id (16 hexadecimal digits).

@@ -75,6 +75,54 @@ void read_model(JsonReader r, ModelConfig& m) {
   }
 }
 
+void read_probe_volumes(JsonReader& r, const std::string& key, std::vector<ProbeVolumeConfig>& out) {
+  const nlohmann::json* list = r.raw(key);
+  if (!list || list->is_null()) return;
+  const std::string name = r.key_path(key);
+  if (!list->is_array()) {
+    throw ConfigError("\"" + name + "\" must be a list of {\"image\": ..., \"labels\": ...} objects");
+  }
+  for (size_t i = 0; i < list->size(); ++i) {
+    const std::string item = name + "[" + std::to_string(i) + "]";
+    if (!(*list)[i].is_object()) {
+      throw ConfigError("\"" + item + "\" must be an object {\"image\": ..., \"labels\": ...}");
+    }
+    JsonReader e((*list)[i], item);
+    ProbeVolumeConfig v;
+    e.read("image", v.image);
+    e.read("labels", v.labels);
+    e.finish();
+    if (v.image.empty() || v.labels.empty()) {
+      throw ConfigError("\"" + item + "\" needs both \"image\" and \"labels\"");
+    }
+    out.push_back(v);
+  }
+}
+
+void read_probe(JsonReader r, ProbeConfig& p) {
+  read_probe_volumes(r, "train", p.train);
+  read_probe_volumes(r, "test", p.test);
+  r.read_choice("target", p.target, {"fractions", "majority"});
+  r.read_choice("split", p.split, {"none", "checkerboard"});
+  r.read("include_background", p.include_background);
+  r.read_range<int64_t>("folds", p.folds, 2, 10);
+  r.read_range<int64_t>("every", p.every, 0, int64_t{1} << 40);
+  r.finish();
+  if (p.every == 0) return;
+  if (p.train.empty())
+    throw ConfigError("\"probe.every\" = " + std::to_string(p.every) + " needs \"probe.train\" volumes");
+  if (p.split == "none" && p.test.empty()) {
+    throw ConfigError(
+        "\"probe.test\" is empty: give test volumes, or \"probe.split\" = \"checkerboard\" to score "
+        "on alternating blocks of the train volumes");
+  }
+  if (p.split == "checkerboard" && !p.test.empty()) {
+    throw ConfigError(
+        "\"probe.test\": with \"probe.split\" = \"checkerboard\" the test patches come from the "
+        "train volumes; leave \"probe.test\" out");
+  }
+}
+
 void read_train(JsonReader r, TrainConfig& t) {
   r.read_range<int64_t>("batch_size", t.batch_size, 1, 4096);
   r.read_range<int64_t>("max_steps", t.max_steps, 0, int64_t{1} << 40);
@@ -97,6 +145,7 @@ void read_train(JsonReader r, TrainConfig& t) {
   r.read_range<int64_t>("checkpoint_every", t.checkpoint_every, 1, int64_t{1} << 40);
   r.read_range<int64_t>("keep_last", t.keep_last, 1, 1000000);
   r.read_range<int64_t>("val_every", t.val_every, 0, int64_t{1} << 40);
+  r.read_choice("best_by", t.best_by, {"val_loss", "probe"});
   r.read_choice("on_nonfinite", t.on_nonfinite, {"error", "skip"});
   r.read_range<int64_t>("max_nonfinite", t.max_nonfinite, 1, int64_t{1} << 40);
   r.finish();
@@ -160,6 +209,10 @@ nlohmann::json data_to_json(const DataConfig& d) {
   j["foreground_threshold"] = d.foreground_threshold ? nlohmann::json(*d.foreground_threshold) : nlohmann::json();
   j["num_samples"] = d.num_samples;
   j["flip_prob"] = d.flip_prob;
+  j["intensity_aug"] = {{"prob", d.intensity_aug.prob},
+                        {"scale", d.intensity_aug.scale},
+                        {"shift", d.intensity_aug.shift},
+                        {"gamma", d.intensity_aug.gamma}};
   j["workers"] = d.workers;
   j["prefetch"] = d.prefetch;
   j["cache_dir"] = d.cache_dir;
@@ -244,6 +297,15 @@ Config config_from_json(const nlohmann::json& tree) {
     if (c.output.dir.empty()) throw ConfigError("\"output.dir\" is empty; name the run folder");
   }
   read_distributed(r.child("distributed"), c.distributed);
+  read_probe(r.child("probe"), c.probe);
+  if (c.train.best_by == "probe" && c.probe.every == 0) {
+    throw ConfigError("\"train.best_by\" = \"probe\" needs the probe on: set \"probe.every\" (and its volumes)");
+  }
+  if (c.train.best_by == "probe" && c.train.checkpoint_every % c.probe.every != 0) {
+    throw ConfigError("\"train.best_by\" = \"probe\": \"probe.every\" = " + std::to_string(c.probe.every) +
+                      " must divide \"train.checkpoint_every\" = " + std::to_string(c.train.checkpoint_every) +
+                      ", so that every checkpoint has a probe score");
+  }
   if (c.distributed.backend == "nccl" && c.device == "cpu") {
     throw ConfigError(
         "\"distributed.backend\" = \"nccl\" needs a CUDA device, but \"device\" = \"cpu\"; use \"gloo\" or \"auto\" "
@@ -310,8 +372,21 @@ nlohmann::json config_to_json(const Config& c) {
                 {"keep_last", t.keep_last},
                 {"val_every", t.val_every},
                 {"on_nonfinite", t.on_nonfinite},
-                {"max_nonfinite", t.max_nonfinite}};
+                {"max_nonfinite", t.max_nonfinite},
+                {"best_by", t.best_by}};
   j["output"] = {{"dir", c.output.dir}, {"tensorboard", c.output.tensorboard}};
+  auto volumes = [](const std::vector<ProbeVolumeConfig>& list) {
+    nlohmann::json a = nlohmann::json::array();
+    for (const auto& v : list) a.push_back({{"image", v.image}, {"labels", v.labels}});
+    return a;
+  };
+  j["probe"] = {{"train", volumes(c.probe.train)},
+                {"test", volumes(c.probe.test)},
+                {"target", c.probe.target},
+                {"split", c.probe.split},
+                {"include_background", c.probe.include_background},
+                {"folds", c.probe.folds},
+                {"every", c.probe.every}};
   j["distributed"] = {{"backend", c.distributed.backend},
                       {"timeout_s", c.distributed.timeout_s},
                       {"bucket_mb", c.distributed.bucket_mb},

@@ -1,8 +1,7 @@
 // The run configuration of mae-pretrain: one JSON file with the sections `data`, `model`, `train`,
-// `output` and `distributed` plus top-level `seed`, `device` and `threads`. Reading is strict (unknown keys are
-// errors naming the closest valid key), every key has a default, and the resolved config (all keys,
-// defaults filled in) is what the run folder and every checkpoint keep. configs/README.md lists
-// every key with its default and meaning.
+// `output`, `distributed` and `probe` plus top-level `seed`, `device` and `threads`. Reading is strict (unknown keys
+// are errors naming the closest valid key), every key has a default, and the resolved config (all keys, defaults filled
+// in) is what the run folder and every checkpoint keep. configs/README.md lists every key with its default and meaning.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -56,10 +55,28 @@ struct TrainConfig {
   std::string precision = "fp32";      ///< "fp32" | "bf16" (autocast, fp32 master weights)
   int64_t log_every = 10;              ///< steps between metrics records and plain progress lines
   int64_t checkpoint_every = 500;      ///< steps between checkpoints (and one at the end)
-  int64_t keep_last = 3;               ///< checkpoints kept (plus the best by validation loss)
+  int64_t keep_last = 3;               ///< checkpoints kept (plus the best by best_by)
   int64_t val_every = 0;               ///< steps between validations; 0 = at every checkpoint
   std::string on_nonfinite = "error";  ///< "error": checkpoint marked diverged, stop; "skip": skip the batch
   int64_t max_nonfinite = 100;         ///< with "skip": stop after this many skipped batches
+  std::string best_by = "val_loss";    ///< the checkpoint kept as best: "val_loss" (lowest) | "probe" (highest score)
+};
+
+/// One labelled volume of the `probe` section.
+struct ProbeVolumeConfig {
+  std::string image;   ///< image file or DICOM folder (relative paths: to the current directory)
+  std::string labels;  ///< integer label volume in the image's physical space
+};
+
+/// The `probe` section: a linear probe of the encoder during training (lib/probe). Off by default.
+struct ProbeConfig {
+  std::vector<ProbeVolumeConfig> train;  ///< volumes the probe is fitted on
+  std::vector<ProbeVolumeConfig> test;   ///< volumes it is scored on (empty with split "checkerboard")
+  std::string target = "fractions";      ///< "fractions" (ridge, R²) | "majority" (logistic, accuracy)
+  std::string split = "none";            ///< "none" | "checkerboard" (2x2x2-patch blocks of the train volumes)
+  bool include_background = false;       ///< keep patches whose voxels are all background
+  int64_t folds = 3;                     ///< cross-validation folds for the L2 strength, 2 .. 10
+  int64_t every = 0;                     ///< steps between probes (and at the last step); 0 = off
 };
 
 /// The `output` section.
@@ -87,6 +104,7 @@ struct Config {
   TrainConfig train;              ///< optimisation
   OutputConfig output;            ///< where results go
   DistributedConfig distributed;  ///< multi-process training (WORLD_SIZE > 1)
+  ProbeConfig probe;              ///< linear probe during training (off by default)
 };
 
 /// Applies "a.b.c=value" overrides to a JSON tree. The value is JSON when it parses (numbers, true,

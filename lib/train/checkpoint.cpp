@@ -128,6 +128,7 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointInfo& in
                            {"config_digest", digest_of(info.config)},
                            {"diverged", info.diverged},
                            {"val_loss", info.val_loss ? nlohmann::json(*info.val_loss) : nlohmann::json()}};
+    if (info.probe_score) meta["probe_score"] = *info.probe_score;
     if (info.diverged) meta["diverged_reason"] = info.diverged_reason;
     // Written last: its presence marks a complete folder.
     write_file_synced((tmp / "meta.json").string(), meta.dump(2));
@@ -273,17 +274,19 @@ void remove_partial_checkpoints(const std::string& run_dir) {
   }
 }
 
-void prune_checkpoints(const std::string& run_dir, int64_t keep_last) {
+void prune_checkpoints(const std::string& run_dir, int64_t keep_last, bool best_by_probe) {
   const auto all = list_checkpoints(run_dir);
   if (static_cast<int64_t>(all.size()) <= keep_last) return;
   const std::string latest = latest_checkpoint(run_dir);
   std::string best;
-  double best_loss = std::numeric_limits<double>::infinity();
+  double best_loss = std::numeric_limits<double>::infinity();  // lower is better (a probe score negated)
   for (const auto& [step, path] : all) {
     try {
       const auto info = read_checkpoint_info(path.string());
-      if (info.val_loss && !info.diverged && *info.val_loss < best_loss) {
-        best_loss = *info.val_loss;
+      const std::optional<double> key =
+          best_by_probe ? (info.probe_score ? std::optional<double>(-*info.probe_score) : std::nullopt) : info.val_loss;
+      if (key && !info.diverged && *key < best_loss) {
+        best_loss = *key;
         best = path.string();
       }
     } catch (const CheckpointError&) {

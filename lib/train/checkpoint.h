@@ -48,10 +48,11 @@ class RunLock {
   int fd_ = -1;
 };
 
-/// Deletes checkpoints of `run_dir` beyond the newest `keep_last`, keeping the one with the lowest
-/// validation loss and the one `latest` names; skips a checkpoint a reader holds (deleted by a
-/// later prune); also removes temporary folders of crashed writes.
-void prune_checkpoints(const std::string& run_dir, int64_t keep_last);
+/// Deletes checkpoints of `run_dir` beyond the newest `keep_last`, keeping the best (the lowest
+/// validation loss, or with `best_by_probe` the highest probe score; diverged ones never) and the
+/// one `latest` names; skips a checkpoint a reader holds (deleted by a later prune); also removes
+/// temporary folders of crashed writes.
+void prune_checkpoints(const std::string& run_dir, int64_t keep_last, bool best_by_probe = false);
 
 /// Deletes the checkpoints of `run_dir` after `step` except `keep` (a resume from `step` abandons
 /// them once its own first checkpoint, `keep`, is written), waiting briefly for readers.

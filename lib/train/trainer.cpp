@@ -27,6 +27,7 @@
 #include "data/loader.h"
 #include "data/transforms.h"
 #include "model/ops.h"
+#include "probe/probe.h"
 #include "train/adamw.h"
 #include "train/checkpoint.h"
 #include "train/distributed.h"
@@ -295,6 +296,13 @@ struct Trainer::Impl {
   int stop_agreed = 0;  // distributed: a stop every rank agreed on (signal number)
   bool stopped_in_setup = false;
 
+  // The linear probe (probe.every > 0; rank 0 runs it): prepared volumes, targets and the
+  // baselines, which do not change during the run (random init = this run's initial weights).
+  std::vector<ProbeVolume> probe_volumes;
+  ProbeOptions probe_options;
+  std::optional<ProbeTargets> probe_targets_;
+  std::optional<ProbeScores> probe_random, probe_raw;
+
   // Outputs (rank 0).
   fs::path metrics_path;
   std::ofstream metrics;
@@ -359,8 +367,64 @@ struct Trainer::Impl {
       exchange("the data-list comparison", [&] { group->check_same_config({{"usable volumes", lists}}); });
     }
     build_model();
+    setup_probe();
     setup_loader_and_state();
     log_summary();
+  }
+
+  // Reads and checks the probe's volumes before training (bad labels stop the run at once).
+  void setup_probe() {
+    const auto& p = config.probe;
+    if (p.every == 0 || !main) return;
+    probe_options.target = parse_probe_target(p.target, "probe.target");
+    probe_options.split = p.split == "checkerboard" ? ProbeSplit::checkerboard : ProbeSplit::none;
+    probe_options.include_background = p.include_background;
+    probe_options.folds = p.folds;
+    probe_options.seed = config.seed;
+    const auto options = model_options_from(config.model);
+    std::vector<ProbeVolume> train, test;
+    for (const auto& v : p.train) train.push_back(prepare_probe_volume({v.image, v.labels}, data.config, options));
+    for (const auto& v : p.test) test.push_back(prepare_probe_volume({v.image, v.labels}, data.config, options));
+    probe_targets_ = probe_targets(train, test, probe_options);
+    probe_volumes = std::move(train);
+    for (auto& v : test) probe_volumes.push_back(std::move(v));
+    spdlog::info("probe: {} {} on {} train and {} test patches every {} steps", to_string(probe_options.target),
+                 probe_options.target == ProbeTarget::fractions ? "R²" : "accuracy", probe_targets_->train_rows.numel(),
+                 probe_targets_->test_rows.numel(), p.every);
+  }
+
+  at::Tensor probe_features_of(MaskedAutoencoderImpl& m) {
+    std::vector<at::Tensor> f;
+    for (const auto& v : probe_volumes) f.push_back(probe_features(m, v, probe_options.batch));
+    return at::cat(f, 0);
+  }
+
+  // The probe score at this step (rank 0, when due): pretrained, and once per start the baselines.
+  std::optional<ProbeScores> maybe_probe() {
+    if (!probe_targets_ || (step % config.probe.every != 0 && step != total)) return std::nullopt;
+    const auto t0 = std::chrono::steady_clock::now();
+    if (!probe_random) {
+      auto random = random_init_model(model_options_from(config.model), config.seed);
+      random->to(device);
+      probe_random = fit_and_score(probe_features_of(*random), *probe_targets_, probe_options, "random_init");
+      std::vector<at::Tensor> raw;
+      for (const auto& v : probe_volumes) raw.push_back(v.raw);
+      probe_raw = fit_and_score(at::cat(raw, 0), *probe_targets_, probe_options, "raw");
+    }
+    auto s = fit_and_score(probe_features_of(*model), *probe_targets_, probe_options, "pretrained");
+    model->train();
+    const auto t = probe_options.target;
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const std::string line = "step " + std::to_string(step) + ": probe " +
+                             (t == ProbeTarget::fractions ? "R² " : "accuracy ") + std::to_string(s.score(t)) +
+                             " (random-init " + std::to_string(probe_random->score(t)) + ", raw " +
+                             std::to_string(probe_raw->score(t)) + "; " + std::to_string(seconds) + " s)";
+    if (progress) {
+      progress->note(line);
+    } else {
+      spdlog::info("{}", line);
+    }
+    return s;
   }
 
   void setup_group() {
@@ -452,19 +516,26 @@ struct Trainer::Impl {
                             "; resume it into its own run folder or an empty output.dir");
     }
     const auto current = config_to_json(config);
-    if (!resumed.config.contains("model") || resumed.config.at("model") != current.at("model")) {
+    // The checkpoint's config with the keys a newer mae3d added filled in with their defaults (a
+    // checkpoint written before data.intensity_aug existed trained without it).
+    nlohmann::json saved = resumed.config;
+    try {
+      saved = config_to_json(config_from_json(resumed.config));
+    } catch (const ConfigError&) {
+    }
+    if (!saved.contains("model") || saved.at("model") != current.at("model")) {
       throw CheckpointError(resume_dir + ": its model section differs from the config's; resume with the same model");
     }
     // Keys that decide data order, crops and masks: changing them would silently break exact resume.
     for (const char* key : {"/seed", "/train/batch_size", "/train/grad_accum_steps", "/data/dataset",
-                            "/data/val_fraction", "/data/num_samples", "/data/flip_prob", "/data/orientation",
-                            "/data/spacing_mm", "/data/intensity", "/data/foreground_threshold"}) {
+                            "/data/val_fraction", "/data/num_samples", "/data/flip_prob", "/data/intensity_aug",
+                            "/data/orientation", "/data/spacing_mm", "/data/intensity", "/data/foreground_threshold"}) {
       const nlohmann::json::json_pointer ptr(key);
-      if (!resumed.config.contains(ptr) || resumed.config.at(ptr) != current.at(ptr)) {
+      if (!saved.contains(ptr) || saved.at(ptr) != current.at(ptr)) {
         std::string name = std::string(key).substr(1);
         std::replace(name.begin(), name.end(), '/', '.');
         throw CheckpointError(resume_dir + ": \"" + name + "\" was " +
-                              (resumed.config.contains(ptr) ? resumed.config.at(ptr).dump() : std::string("absent")) +
+                              (saved.contains(ptr) ? saved.at(ptr).dump() : std::string("absent")) +
                               " in the checkpoint and is " + current.at(ptr).dump() +
                               " now; resume with the checkpoint's value (data order and masks depend on it)");
       }
@@ -692,7 +763,7 @@ struct Trainer::Impl {
 
   // Rank 0 writes; the others have nothing to write (their state equals rank 0's).
   void write_checkpoint(bool diverged, std::optional<double> val_loss, const LoaderPosition& pos,
-                        const std::string& reason) {
+                        const std::string& reason, std::optional<double> probe_score = std::nullopt) {
     if (!main) return;
     CheckpointInfo info;
     info.step = step;
@@ -702,6 +773,7 @@ struct Trainer::Impl {
     info.diverged = diverged;
     info.diverged_reason = reason;
     info.val_loss = val_loss;
+    info.probe_score = probe_score;
     if (events) events->sync();  // the curves up to this checkpoint are on disk with it
     auto global = at::detail::getDefaultCPUGenerator();
     std::map<std::string, at::Tensor> rng{{"global_cpu", generator_state(global)}};
@@ -716,15 +788,16 @@ struct Trainer::Impl {
         remove_checkpoints_after(run_dir.string(), start_step, result.checkpoint);
         abandon_pending = false;
       }
-      prune_checkpoints(run_dir.string(), config.train.keep_last);
+      prune_checkpoints(run_dir.string(), config.train.keep_last, config.train.best_by == "probe");
     }
     spdlog::info("checkpoint {}{}", result.checkpoint, diverged ? " (marked diverged)" : "");
   }
 
-  void maybe_checkpoint(std::optional<double> val_loss) {
+  void maybe_checkpoint(std::optional<double> val_loss, const std::optional<ProbeScores>& probe) {
     if (step % config.train.checkpoint_every != 0 && step != total) return;
     if (progress) progress->pause();
-    write_checkpoint(false, val_loss, position, "");
+    write_checkpoint(false, val_loss, position, "",
+                     probe ? std::optional<double>(probe->score(probe_options.target)) : std::nullopt);
   }
 
   // ----- one step -----
@@ -853,6 +926,7 @@ struct Trainer::Impl {
   double validate() {
     DataConfig vcfg = data.config;
     vcfg.flip_prob = 0.0;
+    vcfg.intensity_aug.prob = 0.0;
     LoaderOptions vo = lo;
     vo.seed = config.seed + 1;
     vo.shuffle = false;
@@ -892,9 +966,9 @@ struct Trainer::Impl {
     return v;
   }
 
-  void write_metrics(const StepStats& st, std::optional<double> val_loss) {
+  void write_metrics(const StepStats& st, std::optional<double> val_loss, const std::optional<ProbeScores>& probe) {
     const bool log_now = step % config.train.log_every == 0 || step == total;
-    if (!main || !(log_now || val_loss) || !metrics.is_open()) return;
+    if (!main || !(log_now || val_loss || probe) || !metrics.is_open()) return;
     nlohmann::json rec = {{"step", step},
                           {"epoch", position.epoch},
                           {"loss", st.loss},
@@ -908,6 +982,13 @@ struct Trainer::Impl {
                           {"allreduce_share", st.allreduce / st.seconds}};
     rec["grad_norm"] = std::isfinite(st.grad_norm) ? nlohmann::json(st.grad_norm) : nlohmann::json();
     rec["val_loss"] = val_loss ? nlohmann::json(*val_loss) : nlohmann::json();
+    if (probe) {
+      const auto t = probe_options.target;
+      const std::string metric = t == ProbeTarget::fractions ? "r2" : "acc";
+      rec["probe_" + metric] = probe->score(t);
+      rec["probe_random_" + metric] = probe_random->score(t);
+      rec["probe_raw_" + metric] = probe_raw->score(t);
+    }
     metrics << rec.dump() << "\n";
     metrics.flush();
     if (!metrics) throw IoError(metrics_path.string() + ": cannot write (disk full?)");
@@ -990,9 +1071,10 @@ struct Trainer::Impl {
                          st.data_wait / st.seconds, st.seconds);
       }
       const auto val_loss = maybe_validate();
-      write_metrics(st, val_loss);
+      const auto probe = maybe_probe();
+      write_metrics(st, val_loss, probe);
       if (val_loss && main) validation_picture();
-      maybe_checkpoint(val_loss);
+      maybe_checkpoint(val_loss, probe);
       if (options.on_step) options.on_step(step, st.loss);
     }
     if (progress) progress->finish();

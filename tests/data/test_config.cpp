@@ -39,6 +39,10 @@ TEST(DataConfig, Defaults) {
   EXPECT_FALSE(c.foreground_threshold.has_value());
   EXPECT_EQ(c.num_samples, 1);
   EXPECT_DOUBLE_EQ(c.flip_prob, 0.0);
+  EXPECT_DOUBLE_EQ(c.intensity_aug.prob, 0.0);
+  EXPECT_EQ(c.intensity_aug.scale, (std::array<double, 2>{0.9, 1.1}));
+  EXPECT_EQ(c.intensity_aug.shift, (std::array<double, 2>{-0.1, 0.1}));
+  EXPECT_EQ(c.intensity_aug.gamma, (std::array<double, 2>{0.7, 1.5}));
   EXPECT_EQ(c.workers, 2);
   EXPECT_EQ(c.prefetch, 4);
   EXPECT_EQ(c.cache_dir, "");
@@ -154,6 +158,64 @@ TEST(DataConfig, StrictNumbersAndBounds) {
   EXPECT_DOUBLE_EQ(read(R"({"dataset": "x", "dicom_slice_tolerance": 0.25})").dicom_slice_tolerance, 0.25);
   EXPECT_NE(config_error(R"({"dataset": "x", "dicom_slice_tolerance": 1.0})").find("data.dicom_slice_tolerance"),
             std::string::npos);
+}
+
+TEST(DataConfig, IntensityAugReadsEveryKey) {
+  const DataConfig c = read(R"({"dataset": "x", "intensity_aug": {"prob": 0.25, "scale": [0.8, 1.25],
+    "shift": [-0.5, 0], "gamma": [1, 1]}})");
+  EXPECT_DOUBLE_EQ(c.intensity_aug.prob, 0.25);
+  EXPECT_EQ(c.intensity_aug.scale, (std::array<double, 2>{0.8, 1.25}));
+  EXPECT_EQ(c.intensity_aug.shift, (std::array<double, 2>{-0.5, 0}));
+  EXPECT_EQ(c.intensity_aug.gamma, (std::array<double, 2>{1, 1}));
+  // Only prob given: the ranges keep their defaults; null reads as {} (off).
+  const DataConfig p = read(R"({"dataset": "x", "intensity_aug": {"prob": 1}})");
+  EXPECT_DOUBLE_EQ(p.intensity_aug.prob, 1.0);
+  EXPECT_EQ(p.intensity_aug.gamma, (std::array<double, 2>{0.7, 1.5}));
+  EXPECT_DOUBLE_EQ(read(R"({"dataset": "x", "intensity_aug": null})").intensity_aug.prob, 0.0);
+  // The limits themselves are allowed.
+  const DataConfig e = read(R"({"dataset": "x", "intensity_aug": {"scale": [10, 10], "shift": [-1e6, 1e6],
+    "gamma": [0.001, 10]}})");
+  EXPECT_EQ(e.intensity_aug.shift, (std::array<double, 2>{-1e6, 1e6}));
+}
+
+TEST(DataConfig, IntensityAugRefusesBadValuesNamingTheKey) {
+  EXPECT_EQ(config_error(R"({"dataset": "x", "intensity_aug": {"gama": [1, 2]}})"),
+            "\"data.intensity_aug.gama\" is not a key; did you mean \"data.intensity_aug.gamma\"?");
+  EXPECT_NE(config_error(R"({"dataset": "x", "intensity_augment": {}})").find("did you mean \"data.intensity_aug\""),
+            std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "intensity_aug": 0.5})").find("must be a JSON object"), std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "intensity_aug": {"prob": 1.5}})")
+                .find("\"data.intensity_aug.prob\" = 1.5 is out of range; allowed: 0 .. 1"),
+            std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "intensity_aug": {"prob": true}})")
+                .find("\"data.intensity_aug.prob\" = true has the wrong type"),
+            std::string::npos);
+  EXPECT_EQ(config_error(R"({"dataset": "x", "intensity_aug": {"scale": [0, 1]}})"),
+            "\"data.intensity_aug.scale\" = [0, 1] is out of range; allowed: each more than 0 .. 10");
+  EXPECT_EQ(config_error(R"({"dataset": "x", "intensity_aug": {"scale": [1.2, 1.1]}})"),
+            "\"data.intensity_aug.scale\" = [1.2, 1.1] must be [lo, hi] with lo <= hi");
+  EXPECT_EQ(config_error(R"({"dataset": "x", "intensity_aug": {"gamma": [0.5, 11]}})"),
+            "\"data.intensity_aug.gamma\" = [0.5, 11] is out of range; allowed: each more than 0 .. 10");
+  EXPECT_NE(config_error(R"({"dataset": "x", "intensity_aug": {"gamma": [-1, 2]}})").find("data.intensity_aug.gamma"),
+            std::string::npos);
+  EXPECT_EQ(config_error(R"({"dataset": "x", "intensity_aug": {"shift": [-2e6, 0]}})"),
+            "\"data.intensity_aug.shift\" = [-2e+06, 0] is out of range; allowed: each -1e+06 .. 1e+06");
+  EXPECT_NE(config_error(R"({"dataset": "x", "intensity_aug": {"shift": [0.1, -0.1]}})").find("lo <= hi"),
+            std::string::npos);
+  EXPECT_EQ(config_error(R"({"dataset": "x", "intensity_aug": {"shift": 0.1}})"),
+            "\"data.intensity_aug.shift\" = 0.1 must be [lo, hi], a list of two numbers");
+  EXPECT_NE(config_error(R"({"dataset": "x", "intensity_aug": {"scale": [1, 1, 1]}})").find("a list of two numbers"),
+            std::string::npos);
+  EXPECT_NE(config_error(R"({"dataset": "x", "intensity_aug": {"scale": [1, "2"]}})")
+                .find("\"data.intensity_aug.scale[1]\" = \"2\" has the wrong type"),
+            std::string::npos);
+  // validate_data_config checks a config edited in code as well.
+  DataConfig c = read(R"({"dataset": "x"})");
+  c.intensity_aug.gamma = {2.0, 1.0};
+  EXPECT_THROW(validate_data_config(c), ConfigError);
+  c.intensity_aug.gamma = {1.0, 1.0};
+  c.intensity_aug.prob = -0.1;
+  EXPECT_THROW(validate_data_config(c), ConfigError);
 }
 
 TEST(DataConfig, ControlCharactersInKeysDoNotSplitTheMessage) {

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "data/loader.h"
+#include "data/transforms.h"
 #include "helpers.h"
 #include "io/io.h"
 
@@ -185,6 +186,72 @@ TEST_F(LoaderTest, RejectsBadOptions) {
   options.drop_last = false;
   EXPECT_EQ(Loader(entries, config, options).batches_per_epoch(), 1);
   EXPECT_THROW(Loader({}, config, options), ConfigError);
+}
+
+TEST_F(LoaderTest, IntensityAugOffOrIdentityKeepsCropsBitIdentical) {
+  const auto ref = run(0, 4);
+  // The crops are exactly random_crop's of the preprocessed volume with the item's seed.
+  VolumeCache cache(config);
+  for (size_t i = 0; i < ref[0].items.size(); ++i) {
+    const at::Tensor v = cache.load(entries[ref[0].volumes[i]]).volume.data;
+    const at::Tensor want =
+        random_crop(v, options.crop_size, config.flip_prob, item_seed(options.seed, 0, ref[0].items[i]), 0.0);
+    EXPECT_TRUE(at::equal(ref[0].images[i], want)) << "crop " << i;
+  }
+  // prob 0 ignores the ranges; prob 1 with identity ranges leaves every bit (crops and flips too).
+  config.intensity_aug.scale = {2.0, 3.0};
+  config.intensity_aug.shift = {0.5, 0.6};
+  const auto off = run(2, 4);
+  config.intensity_aug = IntensityAugConfig{};
+  config.intensity_aug.prob = 1.0;
+  config.intensity_aug.scale = {1.0, 1.0};
+  config.intensity_aug.shift = {0.0, 0.0};
+  config.intensity_aug.gamma = {1.0, 1.0};
+  const auto identity = run(2, 4);
+  for (size_t i = 0; i < ref.size(); ++i) {
+    EXPECT_TRUE(at::equal(ref[i].images, off[i].images)) << "batch " << i;
+    EXPECT_TRUE(at::equal(ref[i].images, identity[i].images)) << "batch " << i;
+  }
+}
+
+TEST_F(LoaderTest, IntensityAugIsDrawnPerItemForAnyWorkersAndRanks) {
+  const auto plain = run(0, 4);
+  config.intensity_aug.prob = 1.0;
+  config.intensity_aug.scale = {0.5, 1.5};
+  config.intensity_aug.shift = {-0.2, 0.2};
+  config.intensity_aug.gamma = {0.5, 2.0};
+  const auto ref = run(0, 4);
+  for (size_t i = 0; i < ref.size(); ++i) {
+    EXPECT_EQ(ref[i].items, plain[i].items);
+    EXPECT_FALSE(at::equal(ref[i].images, plain[i].images)) << "batch " << i;
+    // Each crop is its un-augmented crop (same position and flips) with the item's own draw applied.
+    for (size_t k = 0; k < ref[i].items.size(); ++k) {
+      const IntensityAugDraw d =
+          draw_intensity_aug(config.intensity_aug, item_seed(options.seed, ref[i].epoch, ref[i].items[k]));
+      EXPECT_TRUE(at::equal(ref[i].images[k], apply_intensity_aug(plain[i].images[k], d)))
+          << "batch " << i << " crop " << k;
+    }
+  }
+  for (int w : {1, 3}) {
+    const auto got = run(w, 4);
+    for (size_t i = 0; i < ref.size(); ++i) {
+      EXPECT_TRUE(at::equal(ref[i].images, got[i].images)) << "workers " << w << " batch " << i;
+    }
+  }
+  // Two ranks with batch 2 see the halves of one process's batches of 4, augmentation included.
+  config.workers = 2;
+  options.batch_size = 4;
+  Loader single(entries, config, options);
+  options.batch_size = 2;
+  options.world_size = 2;
+  options.rank = 0;
+  Loader r0(entries, config, options);
+  options.rank = 1;
+  Loader r1(entries, config, options);
+  for (int i = 0; i < 3; ++i) {
+    const Batch whole = single.next(), a = r0.next(), b = r1.next();
+    EXPECT_TRUE(at::equal(at::cat({a.images, b.images}, 0), whole.images)) << "batch " << i;
+  }
 }
 
 TEST(LoaderMri, RealBrainEndToEnd) {

@@ -42,7 +42,8 @@ TEST(Intensity, ZscoreConstantAndEmptyVolumesStayFinite) {
 }
 
 TEST(Intensity, ZscoreIsPerChannel) {
-  at::Tensor x = at::stack({at::arange(1, 9, at::kFloat), at::arange(1, 9, at::kFloat) * 100 + 5}).reshape({2, 2, 2, 2});
+  at::Tensor x =
+      at::stack({at::arange(1, 9, at::kFloat), at::arange(1, 9, at::kFloat) * 100 + 5}).reshape({2, 2, 2, 2});
   at::Tensor y = zscore_nonzero(x);
   EXPECT_TRUE(at::allclose(y[0], y[1], 1e-5, 1e-5));
   EXPECT_NEAR(y[1].mean().item<double>(), 0.0, 1e-5);
@@ -160,6 +161,115 @@ TEST(Spatial, RandomCropPadsSmallVolumes) {
   at::Tensor b = random_crop(x, {8, 8, 8}, 0.3, 42, 0.0);
   EXPECT_EQ(a.sizes(), (std::vector<int64_t>{1, 8, 8, 8}));
   EXPECT_TRUE(at::equal(a, b));
+}
+
+IntensityAugDraw aug_draw(double scale, double shift, double gamma) {
+  IntensityAugDraw d;
+  d.apply = true;
+  d.scale = scale;
+  d.shift = shift;
+  d.gamma = gamma;
+  return d;
+}
+
+TEST(IntensityAug, DrawIsDeterministicAndInRange) {
+  IntensityAugConfig c;
+  c.prob = 1.0;
+  c.scale = {0.5, 2.0};
+  c.shift = {-0.3, 0.2};
+  c.gamma = {0.5, 2.0};
+  int below_one = 0;
+  const int n = 2000;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t s = item_seed(7, 1, i);
+    const IntensityAugDraw a = draw_intensity_aug(c, s), b = draw_intensity_aug(c, s);
+    ASSERT_TRUE(a.apply);
+    EXPECT_EQ(a.scale, b.scale);
+    EXPECT_EQ(a.shift, b.shift);
+    EXPECT_EQ(a.gamma, b.gamma);
+    EXPECT_GE(a.scale, 0.5);
+    EXPECT_LE(a.scale, 2.0);
+    EXPECT_GE(a.shift, -0.3);
+    EXPECT_LE(a.shift, 0.2);
+    EXPECT_GE(a.gamma, 0.5);
+    EXPECT_LE(a.gamma, 2.0);
+    below_one += a.gamma < 1.0;
+  }
+  // Log-uniform on [1/2, 2]: half the draws below 1 (uniform would give a third).
+  EXPECT_NEAR(below_one / static_cast<double>(n), 0.5, 0.04);
+  EXPECT_NE(draw_intensity_aug(c, 1).scale, draw_intensity_aug(c, 2).scale);
+  // prob 0 never applies (identity values), 0.5 about half the time.
+  c.prob = 0.0;
+  for (uint64_t s = 0; s < 200; ++s) {
+    const IntensityAugDraw d = draw_intensity_aug(c, s);
+    EXPECT_FALSE(d.apply);
+    EXPECT_EQ(d.scale, 1.0);
+    EXPECT_EQ(d.shift, 0.0);
+    EXPECT_EQ(d.gamma, 1.0);
+  }
+  c.prob = 0.5;
+  int applied = 0;
+  for (uint64_t s = 0; s < 1000; ++s) applied += draw_intensity_aug(c, item_seed(3, 0, s)).apply;
+  EXPECT_NEAR(applied / 1000.0, 0.5, 0.06);
+  // A range with lo == hi gives exactly lo.
+  c.prob = 1.0;
+  c.scale = {1.3, 1.3};
+  c.shift = {-0.7, -0.7};
+  c.gamma = {0.7, 0.7};
+  const IntensityAugDraw f = draw_intensity_aug(c, 99);
+  EXPECT_EQ(f.scale, 1.3);
+  EXPECT_EQ(f.shift, -0.7);
+  EXPECT_EQ(f.gamma, 0.7);
+}
+
+TEST(IntensityAug, ScaleAndShiftKnownValues) {
+  at::Tensor x = as_volume({0.f, 1.f, 2.f, -3.f});
+  expect_values(apply_intensity_aug(x, aug_draw(2.0, 0.5, 1.0)), {0.5f, 2.5f, 4.5f, -5.5f});
+  expect_values(apply_intensity_aug(x, aug_draw(0.5, -1.0, 1.0)), {-1.f, -0.5f, 0.f, -2.5f});
+  // The input is left alone.
+  expect_values(x, {0.f, 1.f, 2.f, -3.f}, 0.0);
+}
+
+TEST(IntensityAug, GammaOnTheCropsOwnRangeThenScaleAndShift) {
+  // min -1, max 3: t = (x + 1) / 4 = {0, 1/4, 1/2, 1}; t^2 = {0, 1/16, 1/4, 1}; back: -1 + 4 t^2.
+  at::Tensor x = as_volume({-1.f, 0.f, 1.f, 3.f});
+  expect_values(apply_intensity_aug(x, aug_draw(1.0, 0.0, 2.0)), {-1.f, -0.75f, 0.f, 3.f});
+  // Gamma first, then x * 2 + 1.
+  expect_values(apply_intensity_aug(x, aug_draw(2.0, 1.0, 2.0)), {-1.f, -0.5f, 1.f, 7.f});
+  // gamma 0.5 on [0, 1] data is the square root.
+  expect_values(apply_intensity_aug(as_volume({0.f, 0.25f, 1.f}), aug_draw(1.0, 0.0, 0.5)), {0.f, 0.5f, 1.f});
+}
+
+TEST(IntensityAug, GammaKeepsEachChannelsMinAndMax) {
+  at::Generator gen = at::detail::createCPUGenerator(5);
+  at::Tensor x = at::rand({2, 6, 7, 8}, gen, at::kFloat);
+  x[0].mul_(3.5).sub_(1.25);  // z-scored-like range with negative values
+  x[1].mul_(250).add_(-175);  // HU-like range
+  for (double g : {0.7, 1.5, 3.0}) {
+    at::Tensor y = apply_intensity_aug(x, aug_draw(1.0, 0.0, g));
+    for (int64_t c = 0; c < 2; ++c) {
+      EXPECT_EQ(y[c].min().item<float>(), x[c].min().item<float>()) << "gamma " << g << " channel " << c;
+      EXPECT_EQ(y[c].max().item<float>(), x[c].max().item<float>()) << "gamma " << g << " channel " << c;
+      EXPECT_FALSE(at::equal(y[c], x[c]));
+      // Monotone: in the order of x, y never decreases.
+      at::Tensor ys = y[c].flatten().index_select(0, x[c].flatten().argsort());
+      EXPECT_TRUE((ys.slice(0, 1) >= ys.slice(0, 0, -1)).all().item<bool>());
+    }
+  }
+}
+
+TEST(IntensityAug, ConstantChannelsAndNoDrawAreLeftAlone) {
+  at::Tensor x = at::full({1, 2, 2, 2}, 0.25f);
+  EXPECT_TRUE(at::equal(apply_intensity_aug(x, aug_draw(1.0, 0.0, 2.0)), x));
+  EXPECT_TRUE(at::equal(apply_intensity_aug(x, aug_draw(2.0, 0.5, 2.0)), at::full({1, 2, 2, 2}, 1.0f)));
+  at::Tensor r = at::rand({1, 3, 4, 5});
+  EXPECT_TRUE(apply_intensity_aug(r, IntensityAugDraw{}).is_same(r));
+  // An identity draw changes no bit.
+  EXPECT_TRUE(at::equal(apply_intensity_aug(r, aug_draw(1.0, 0.0, 1.0)), r));
+  // Non-contiguous input: the same values as its contiguous copy.
+  at::Tensor t = at::rand({1, 4, 5, 6}).transpose(1, 3);
+  EXPECT_TRUE(at::equal(apply_intensity_aug(t, aug_draw(1.1, 0.2, 0.8)),
+                        apply_intensity_aug(t.contiguous(), aug_draw(1.1, 0.2, 0.8))));
 }
 
 }  // namespace

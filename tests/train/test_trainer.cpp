@@ -11,10 +11,12 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <set>
 
 #include "../common/temp_dir.h"
 #include "core/error.h"
 #include "io/io.h"
+#include "probe/probe.h"
 #include "run/config.h"
 #include "run/trained_model.h"
 #include "train/checkpoint.h"
@@ -777,6 +779,139 @@ TEST_F(Trainer, MemoryPreflightRefusesImpossibleSizesAndAcceptsTheShippedConfigs
   double n = 0;
   for (const auto& p : model->parameters()) n += static_cast<double>(p.numel());
   EXPECT_DOUBLE_EQ(mae::estimate_training_memory(tiny).parameters, n);
+}
+
+// Labels for vol0 of write_dataset: its intensities cut into three classes, on its own grid.
+std::string write_labels(const TempDir& dir) {
+  auto v = mae::read_volume(dir / "vol0.nii.gz");
+  v.data = (v.data > 2.0).to(torch::kFloat) + (v.data > 2.8).to(torch::kFloat);
+  mae::write_volume(v, dir / "labels0.nii.gz");
+  return dir / "labels0.nii.gz";
+}
+
+nlohmann::json probe_tree(const TempDir& dir) {
+  auto tree = resume_tree(dir);
+  tree["probe"] = {{"train", {{{"image", dir / "vol0.nii.gz"}, {"labels", write_labels(dir)}}}},
+                   {"split", "checkerboard"},
+                   {"include_background", true},
+                   {"every", 5}};
+  tree["train"]["best_by"] = "probe";
+  tree["train"]["keep_last"] = 1;
+  return tree;
+}
+
+TEST_F(Trainer, ProbeDuringTrainingRecordsScoresKeepsTheBestAndResumesBitExactly) {
+  TempDir a, b;
+  write_dataset(a);
+  write_dataset(b);
+  const auto full = mae::train(mae::config_from_json(probe_tree(a)), {});
+  ASSERT_EQ(full.step, 30);
+  // Every 5 steps: the pretrained score, and the same baselines each time.
+  std::map<int64_t, nlohmann::json> probes;
+  std::ifstream in(fs::path(a / "run") / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto rec = nlohmann::json::parse(line);
+    if (rec.contains("probe_r2")) probes[rec["step"].get<int64_t>()] = rec;
+  }
+  ASSERT_EQ(probes.size(), 6u);
+  for (const auto& [step, rec] : probes) {
+    EXPECT_EQ(step % 5, 0);
+    EXPECT_LE(rec["probe_r2"].get<double>(), 1.0);
+    EXPECT_EQ(rec["probe_random_r2"], probes.begin()->second["probe_random_r2"]);
+    EXPECT_EQ(rec["probe_raw_r2"], probes.begin()->second["probe_raw_r2"]);
+  }
+  // The random-init baseline is the probe of this run's own initial weights: mae-probe on a
+  // checkpoint sees the same number.
+  const auto ckpt = mae::resolve_checkpoint(a / "run");
+  mae::ProbeOptions o;
+  o.split = mae::ProbeSplit::checkerboard;
+  o.include_background = true;
+  o.seed = 3;
+  const auto report = mae::probe_checkpoint(ckpt, {{a / "vol0.nii.gz", a / "labels0.nii.gz"}}, {}, o);
+  EXPECT_DOUBLE_EQ(report.scores[1].r2, probes.begin()->second["probe_random_r2"].get<double>());
+  EXPECT_DOUBLE_EQ(report.scores[0].r2, probes.at(30)["probe_r2"].get<double>());
+  // keep_last 1: the latest checkpoint and the one with the best probe score remain.
+  int64_t best_step = 10;
+  for (int64_t s : {10, 20, 30}) {
+    if (probes.at(s)["probe_r2"].get<double>() > probes.at(best_step)["probe_r2"].get<double>()) best_step = s;
+  }
+  std::set<std::string> kept;
+  for (const auto& e : fs::directory_iterator(fs::path(a / "run") / "checkpoints")) {
+    if (e.is_directory()) kept.insert(e.path().filename().string());
+  }
+  std::set<std::string> expected{mae::checkpoint_name(30), mae::checkpoint_name(best_step)};
+  EXPECT_EQ(kept, expected);
+  EXPECT_DOUBLE_EQ(*mae::read_checkpoint_info(ckpt).probe_score, probes.at(30)["probe_r2"].get<double>());
+
+  // Interrupted at 13 and resumed: the same losses and probe scores as the uninterrupted run.
+  const auto config_b = mae::config_from_json(probe_tree(b));
+  mae::TrainOptions stop_at_13;
+  stop_at_13.on_step = [](int64_t step, double) {
+    if (step == 13) mae::request_stop(SIGINT);
+  };
+  EXPECT_TRUE(mae::train(config_b, stop_at_13).interrupted);
+  mae::clear_stop_request();
+  mae::TrainOptions resume;
+  resume.resume = true;
+  EXPECT_EQ(mae::train(config_b, resume).step, 30);
+  const auto la = losses(a / "run"), lb = losses(b / "run");
+  for (int64_t s = 1; s <= 30; ++s) EXPECT_EQ(la.at(s), lb.at(s)) << "step " << s;
+  std::ifstream inb(fs::path(b / "run") / "metrics.jsonl");
+  for (std::string line; std::getline(inb, line);) {
+    const auto rec = nlohmann::json::parse(line);
+    if (rec.contains("probe_r2")) {
+      EXPECT_EQ(rec["probe_r2"], probes.at(rec["step"].get<int64_t>())["probe_r2"]);
+    }
+  }
+}
+
+TEST_F(Trainer, ProbeSectionIsReadStrictly) {
+  TempDir dir;
+  write_dataset(dir);
+  auto error_of_tree = [](const nlohmann::json& tree) {
+    try {
+      mae::config_from_json(tree);
+    } catch (const mae::ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  auto tree = probe_tree(dir);
+  EXPECT_NO_THROW(mae::config_from_json(tree));
+  auto t = tree;
+  t["probe"]["train"][0]["label"] = "x";
+  EXPECT_NE(error_of_tree(t).find("probe.train[0].label"), std::string::npos) << error_of_tree(t);
+  t = tree;
+  t["probe"]["train"][0].erase("labels");
+  EXPECT_NE(error_of_tree(t).find("probe.train[0]"), std::string::npos) << error_of_tree(t);
+  t = tree;
+  t["probe"]["split"] = "none";
+  EXPECT_NE(error_of_tree(t).find("probe.test"), std::string::npos) << error_of_tree(t);
+  t = tree;
+  t["probe"]["target"] = "dice";
+  EXPECT_NE(error_of_tree(t).find("probe.target"), std::string::npos) << error_of_tree(t);
+  t = tree;
+  t["probe"]["every"] = 0;
+  EXPECT_NE(error_of_tree(t).find("train.best_by"), std::string::npos) << error_of_tree(t);
+  t = tree;
+  t["probe"]["every"] = 3;  // does not divide checkpoint_every 10
+  EXPECT_NE(error_of_tree(t).find("must divide"), std::string::npos) << error_of_tree(t);
+  t = tree;
+  t["train"]["best_by"] = "loss";
+  EXPECT_NE(error_of_tree(t).find("train.best_by"), std::string::npos) << error_of_tree(t);
+  // A label file that is not in the image's space stops the run before any step, naming it.
+  auto shifted = mae::read_volume(dir / "labels0.nii.gz");
+  shifted.origin[0] += 50.0;
+  mae::write_volume(shifted, dir / "shifted.nii.gz");
+  t = tree;
+  t["probe"]["train"][0]["labels"] = dir / "shifted.nii.gz";
+  try {
+    mae::train(mae::config_from_json(t), {});
+    ADD_FAILURE() << "expected an InputError";
+  } catch (const mae::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("shifted.nii.gz"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(fs::path(dir / "run") / "checkpoints" / "latest"));
 }
 
 }  // namespace
