@@ -6,7 +6,8 @@ Usage: /usr/bin/python3 scripts/bench_train.py [--build build] [--steps 40] [--s
 Prints one JSON line per configuration:
   demo: configs/demo.json as shipped (real brain MRI, small model);
   A:    the foundation benchmark's preset A (96^3, ViT-B, batch 2) trained on the same MRI at 1 mm.
-The volume cache is warmed first (mae-pretrain --check-data), so data-wait measures the loader.
+The demo's volumes are installed first (scripts/demo_data.sh) and the volume cache is warmed
+(mae-pretrain --check-data), so data-wait measures the loader.
 """
 import argparse
 import json
@@ -55,6 +56,7 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--skip-a", action="store_true")
     args = ap.parse_args()
+    subprocess.run([os.path.join(ROOT, "scripts", "demo_data.sh")], check=True, stdout=sys.stderr)  # the demo's volumes
     with tempfile.TemporaryDirectory(prefix="mae3d_bench_") as tmp:
         print(json.dumps(train(args.build, "demo", "configs/demo.json", [], args.steps, os.path.join(tmp, "demo"))),
               flush=True)

@@ -8,7 +8,7 @@ packages=(
   libtorch-dev libinsighttoolkit5-dev libcli11-dev libspdlog-dev nlohmann-json3-dev libgtest-dev libgloo-dev
   libopenblas0-openmp libgdcm-tools
   # tests and demo data
-  python3 python3-venv python3-torch python3-numpy mricron-data python3-pydicom
+  python3 python3-venv python3-torch python3-numpy mricron-data python3-pydicom insighttoolkit5-examples
 )
 
 as_root() {
