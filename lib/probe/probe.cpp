@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/optim/lbfgs.h>
-#include <torch/utils.h>
 
 #include <algorithm>
 #include <chrono>
@@ -184,9 +183,11 @@ std::pair<at::Tensor, at::Tensor> sse_sst(const at::Tensor& pred, const at::Tens
   return {(pred - y).pow(2).sum(0), (y - mean).pow(2).sum(0)};
 }
 
+// 1 - sum(sse) / sum(sst) over the columns with variance (a column without any carries no weight).
 double weighted_r2(const at::Tensor& sse, const at::Tensor& sst) {
-  const double t = sst.sum().item<double>();
-  return t > 0 ? 1.0 - sse.sum().item<double>() / t : 0.0;
+  const auto has = sst > 1e-12;
+  const double t = sst.masked_select(has).sum().item<double>();
+  return t > 0 ? 1.0 - sse.masked_select(has).sum().item<double>() / t : 0.0;
 }
 
 // --- multinomial logistic regression -----------------------------------------------------------
@@ -385,10 +386,12 @@ MaskedAutoencoder random_init_model(const MaskedAutoencoderOptions& options, uin
   auto gen = at::detail::getDefaultCPUGenerator();
   at::Tensor state;
   {
+    // Only the CPU generator (the model is built on the CPU): torch::manual_seed would also re-seed
+    // every CUDA generator, whose dropout masks a training run on a GPU is drawing.
     std::lock_guard<std::mutex> lock(gen.mutex());
     state = gen.get_state();
+    gen.set_current_seed(seed);
   }
-  torch::manual_seed(seed);
   MaskedAutoencoder model(options);
   {
     std::lock_guard<std::mutex> lock(gen.mutex());

@@ -521,7 +521,9 @@ struct Trainer::Impl {
     nlohmann::json saved = resumed.config;
     try {
       saved = config_to_json(config_from_json(resumed.config));
-    } catch (const ConfigError&) {
+    } catch (const ConfigError& e) {
+      spdlog::debug("{}: its config does not read as a current one ({}); comparing it as written", resume_dir,
+                    e.what());
     }
     if (!saved.contains("model") || saved.at("model") != current.at("model")) {
       throw CheckpointError(resume_dir + ": its model section differs from the config's; resume with the same model");

@@ -300,6 +300,11 @@ TEST(Probe, RandomInitLeavesTheGlobalGeneratorAlone) {
   }
   EXPECT_TRUE(all_equal);
   EXPECT_TRUE(any_differs);
+  // The same weights a training run of that seed starts from (torch::manual_seed, then the model).
+  torch::manual_seed(5);
+  MaskedAutoencoder run_init(tiny_model());
+  const auto pr = run_init->parameters();
+  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(at::equal(pa[i], pr[i])) << i;
 }
 
 // A tiny checkpoint (the infer tests' tiny model) trained for 2 steps on `image` at 6 mm.
