@@ -14,6 +14,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "bench.h"
 #include "cli.h"
 #include "core/compat.h"
 #include "core/error.h"
@@ -25,39 +26,13 @@
 #include "model/presets.h"
 #include "train/adamw.h"
 
+namespace mae::bench {
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-double peak_rss_mb() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_maxrss) / 1024.0;
-}
-
-// Median GFLOP/s of a size³ matrix product of `dtype` on `device`.
-double matmul_gflops(int64_t size, int reps, torch::Device device, torch::ScalarType dtype) {
-  torch::NoGradGuard no_grad;
-  auto a = torch::randn({size, size}).to(device, dtype), b = torch::randn({size, size}).to(device, dtype);
-  auto c = torch::mm(a, b);  // warm-up
-  std::vector<double> times;
-  for (int i = 0; i < reps; ++i) {
-    if (device.is_cuda()) torch::cuda::synchronize(device.index());
-    const auto t0 = Clock::now();
-    torch::mm_out(c, a, b);
-    if (device.is_cuda()) torch::cuda::synchronize(device.index());
-    times.push_back(seconds_since(t0));
-  }
-  return 2.0 * static_cast<double>(size * size * size) / median(times) / 1e9;
-}
 
 // Peak bytes the CUDA caching allocator handed out since the last reset, in MiB; -1 where this
 // LibTorch has no CUDA library to ask (CPU-only builds) or the device is not a GPU.
@@ -79,34 +54,50 @@ void reset_peak_device(torch::Device device) {
   (void)device;
 }
 
-constexpr int64_t kMaxSteps = 100000;  // --warmup / --iters: a day of preset A steps on two cores
+}  // namespace
 
-struct BenchSettings {
-  int64_t batch = 0;  // 0: the preset's own
-  int warmup = 2;
-  int iters = 5;
-  std::string device = "cpu";
-  std::string precision = "fp32";   // fp32 | bf16 (autocast, as the trainer's train.precision)
-  std::string attention = "fused";  // fused | explicit (MaskedAutoencoderOptions::fused_attention)
-};
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
 
-std::string bench_one(const std::string& name, const BenchSettings& s, double mm_gflops) {
-  int64_t batch = 0;
-  auto options = mae::benchmark_preset(name, batch);
-  if (s.batch > 0) batch = s.batch;
-  options.fused_attention(s.attention == "fused");
-  // What actually runs: LibTorch 1.13 has no fused kernel and takes the explicit path either way.
-  const bool fused = options.fused_attention() && mae::compat::kHasFusedAttention;
-  const bool bf16 = s.precision == "bf16";
-  torch::Device device(s.device);
+double peak_rss_mb() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;
+}
+
+c10::Device parse_device(const std::string& name) {
+  torch::Device device(name);
   if (device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, 0);
+  return device;
+}
+
+double matmul_gflops(int64_t size, int reps, torch::Device device, bool bf16) {
+  torch::NoGradGuard no_grad;
+  const auto dtype = bf16 ? torch::kBFloat16 : torch::kFloat;
+  auto a = torch::randn({size, size}).to(device, dtype), b = torch::randn({size, size}).to(device, dtype);
+  auto c = torch::mm(a, b);  // warm-up
+  std::vector<double> times;
+  for (int i = 0; i < reps; ++i) {
+    if (device.is_cuda()) torch::cuda::synchronize(device.index());
+    const auto t0 = Clock::now();
+    torch::mm_out(c, a, b);
+    if (device.is_cuda()) torch::cuda::synchronize(device.index());
+    times.push_back(seconds_since(t0));
+  }
+  return 2.0 * static_cast<double>(size * size * size) / median(times) / 1e9;
+}
+
+StepTiming time_training_step(const MaskedAutoencoderOptions& options, int64_t batch, torch::Device device, bool bf16,
+                              int warmup, int iters) {
   torch::manual_seed(0);
-  mae::MaskedAutoencoder model(options);
+  MaskedAutoencoder model(options);
   model->to(device);
   model->train();
-  auto groups = mae::decay_groups(*model);
-  mae::AdamW optimizer({{groups.first, /*weight_decay=*/0.05}, {groups.second, /*weight_decay=*/0.0}},
-                       mae::AdamWOptions{});
+  auto groups = decay_groups(*model);
+  AdamW optimizer({{groups.first, /*weight_decay=*/0.05}, {groups.second, /*weight_decay=*/0.0}}, AdamWOptions{});
 
   std::vector<int64_t> shape{batch, options.in_channels()};
   shape.insert(shape.end(), options.img_size().begin(), options.img_size().end());
@@ -117,16 +108,16 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
     if (device.is_cuda()) torch::cuda::synchronize(device.index());
   };
   std::vector<double> fwd, bwd, opt, step;
-  for (int i = 0; i < s.warmup + s.iters; ++i) {
-    if (i == s.warmup) reset_peak_device(device);  // peak_device_mb: the timed steps' peak
+  for (int i = 0; i < warmup + iters; ++i) {
+    if (i == warmup) reset_peak_device(device);  // peak_device_mb: the timed steps' peak
     sync();
     const auto t0 = Clock::now();
     optimizer.zero_grad();
     torch::Tensor loss;
     {
-      mae::compat::AutocastScope autocast(bf16, device.type());
+      compat::AutocastScope autocast(bf16, device.type());
       auto out = model->forward(x, std::nullopt, gen);
-      loss = mae::masked_mse_loss(out.pred.to(torch::kFloat), model->target(x), out.mask);
+      loss = masked_mse_loss(out.pred.to(torch::kFloat), model->target(x), out.mask);
     }
     sync();
     const double t_fwd = seconds_since(t0);
@@ -138,26 +129,102 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
     optimizer.step();
     sync();
     const double t_opt = seconds_since(t2);
-    if (i >= s.warmup) {
+    if (i >= warmup) {
       fwd.push_back(t_fwd);
       bwd.push_back(t_bwd);
       opt.push_back(t_opt);
       step.push_back(seconds_since(t0));
     }
   }
-  const double step_gflop = 3.0 * mae::forward_flops(options, batch) / 1e9;
-  const double step_s = median(step);
-  const double gflops = step_gflop / step_s;
-  int64_t params = 0;
-  for (const auto& p : model->parameters()) params += p.numel();
+  StepTiming t;
+  t.fwd_s = median(fwd);
+  t.bwd_s = median(bwd);
+  t.optim_s = median(opt);
+  t.step_s = median(step);
+  t.step_gflop = 3.0 * forward_flops(options, batch) / 1e9;
+  t.attention_share = forward_attention_flops(options, batch) / forward_flops(options, batch);
+  for (const auto& p : model->parameters()) {
+    t.params += p.numel();
+    if (p.requires_grad()) t.trainable += p.numel();
+  }
+  return t;
+}
+
+namespace {
+
+constexpr int64_t kMaxSteps = 100000;  // --warmup / --iters: a day of preset A steps on two cores
+
+struct BenchSettings {
+  int64_t batch = 0;  // 0: the preset's own
+  int warmup = 2;
+  int iters = 5;
+  std::string device = "cpu";
+  std::string precision = "fp32";   // fp32 | bf16 (autocast, as the trainer's train.precision)
+  std::string attention = "fused";  // fused | explicit (MaskedAutoencoderOptions::fused_attention)
+  std::vector<int64_t> img, patch;  // empty: the preset's
+  // Model options over the preset's; 0 (or a negative ratio) = the preset's.
+  int64_t hidden_size = 0, mlp_dim = 0, num_layers = 0, num_heads = 0;
+  int64_t decoder_hidden_size = 0, decoder_mlp_dim = 0, decoder_num_layers = 0, decoder_num_heads = 0;
+  double masking_ratio = -1.0;
+  std::string end_to_end;              // --end-to-end CONFIG
+  std::vector<std::string> overrides;  // --set KEY=VALUE for --end-to-end
+};
+
+// A size list of 1 entry means a cube.
+std::vector<int64_t> per_axis(const std::vector<int64_t>& v, size_t dims) {
+  return v.size() == 1 ? std::vector<int64_t>(dims, v[0]) : v;
+}
+
+// The preset with the command line's changes; ConfigError (naming the flag) for a bad combination.
+MaskedAutoencoderOptions bench_options(const std::string& name, const BenchSettings& s, int64_t& batch) {
+  auto o = benchmark_preset(name, batch);
+  if (s.batch > 0) batch = s.batch;
+  const size_t dims = o.img_size().size();
+  if (!s.img.empty()) o.img_size(per_axis(s.img, dims));
+  if (!s.patch.empty()) o.patch_size(per_axis(s.patch, dims));
+  if (s.hidden_size > 0) o.hidden_size(s.hidden_size);
+  if (s.mlp_dim > 0) o.mlp_dim(s.mlp_dim);
+  if (s.num_layers > 0) o.num_layers(s.num_layers);
+  if (s.num_heads > 0) o.num_heads(s.num_heads);
+  if (s.decoder_hidden_size > 0) o.decoder_hidden_size(s.decoder_hidden_size);
+  if (s.decoder_mlp_dim > 0) o.decoder_mlp_dim(s.decoder_mlp_dim);
+  if (s.decoder_num_layers > 0) o.decoder_num_layers(s.decoder_num_layers);
+  if (s.decoder_num_heads > 0) o.decoder_num_heads(s.decoder_num_heads);
+  if (s.masking_ratio >= 0.0) o.masking_ratio(s.masking_ratio);
+  o.fused_attention(s.attention == "fused");
+  try {
+    o.validate();
+  } catch (const ConfigError& e) {
+    // The options' own names are the flags' with '_' for '-': say so once.
+    throw ConfigError("preset " + name + " with the given flags: " + e.what() +
+                      " (flags --img, --patch, --hidden-size, ...)");
+  }
+  return o;
+}
+
+std::string bench_one(const std::string& name, const BenchSettings& s, double mm_gflops) {
+  int64_t batch = 0;
+  const auto options = bench_options(name, s, batch);
+  // What actually runs: LibTorch 1.13 has no fused kernel and takes the explicit path either way.
+  const bool fused = options.fused_attention() && compat::kHasFusedAttention;
+  const auto device = parse_device(s.device);
+  const auto t = time_training_step(options, batch, device, s.precision == "bf16", s.warmup, s.iters);
+  const double gflops = t.step_gflop / t.step_s;
+  const double rss = peak_rss_mb();
+  // fp32 weights, gradients and AdamW's two moments: what any fp32-master trainer must hold.
+  const double floor_mb = 16.0 * static_cast<double>(t.trainable) / (1024.0 * 1024.0);
+  const int64_t keep = num_visible(options.num_patches(), options.masking_ratio());
   std::ostringstream os;
-  os << std::setprecision(4) << "{\"preset\": \"" << name << "\", \"batch\": " << batch
+  os << std::setprecision(4) << "{\"preset\": \"" << name << "\", \"img\": " << sizes_str(options.img_size())
+     << ", \"patch\": " << sizes_str(options.patch_size()) << ", \"batch\": " << batch
+     << ", \"encoder_tokens\": " << keep + 1 << ", \"decoder_tokens\": " << options.num_patches() + 1
      << ", \"threads\": " << at::get_num_threads() << ", \"device\": \"" << s.device << "\", \"precision\": \""
      << s.precision << "\", \"attention\": \"" << (fused ? "fused" : "explicit")
-     << "\", \"params_m\": " << static_cast<double>(params) / 1e6 << ", \"fwd_s\": " << median(fwd)
-     << ", \"bwd_s\": " << median(bwd) << ", \"optim_s\": " << median(opt) << ", \"step_s\": " << step_s
-     << ", \"step_gflop\": " << step_gflop << ", \"gflops\": " << gflops << ", \"matmul_gflops\": " << mm_gflops
-     << ", \"mfu\": " << gflops / mm_gflops << ", \"peak_rss_mb\": " << peak_rss_mb();
+     << "\", \"params_m\": " << static_cast<double>(t.params) / 1e6 << ", \"fwd_s\": " << t.fwd_s
+     << ", \"bwd_s\": " << t.bwd_s << ", \"optim_s\": " << t.optim_s << ", \"step_s\": " << t.step_s
+     << ", \"step_gflop\": " << t.step_gflop << ", \"attention_share\": " << t.attention_share
+     << ", \"gflops\": " << gflops << ", \"matmul_gflops\": " << mm_gflops << ", \"mfu\": " << gflops / mm_gflops
+     << ", \"peak_rss_mb\": " << rss << ", \"state_floor_mb\": " << floor_mb << ", \"overhead_mb\": " << rss - floor_mb;
   const double device_mb = peak_device_mb(device);
   if (device_mb >= 0) os << ", \"peak_device_mb\": " << device_mb;
   os << ", \"iters\": " << s.iters << "}";
@@ -166,7 +233,11 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
 
 }  // namespace
 
+}  // namespace mae::bench
+
 int main(int argc, char** argv) {
+  using mae::bench::BenchSettings;
+  using mae::bench::kMaxSteps;
   CLI::App app{"mae-bench: training-step speed of the masked autoencoder, as JSON lines"};
   app.name("mae-bench");
   mae::CommonFlags common;
@@ -186,8 +257,49 @@ int main(int argc, char** argv) {
   app.add_option("--attention", settings.attention,
                  "fused (scaled_dot_product_attention on LibTorch 2.x; 1.13 runs explicit) or explicit")
       ->check(CLI::IsMember({"fused", "explicit"}));
+  // The model options over the preset's, named as the config's model keys.
+  app.add_option("--img", settings.img, "image (crop) size: one value for a cube, or one per axis")
+      ->expected(1, 3)
+      ->check(mae::int_range(1, 4096));
+  app.add_option("--patch", settings.patch, "patch size: one value for a cube, or one per axis")
+      ->expected(1, 3)
+      ->check(mae::int_range(1, 4096));
+  struct IntFlag {
+    const char* name;
+    int64_t* value;
+  };
+  for (const IntFlag& f : {IntFlag{"--hidden-size", &settings.hidden_size}, IntFlag{"--mlp-dim", &settings.mlp_dim},
+                           IntFlag{"--num-layers", &settings.num_layers}, IntFlag{"--num-heads", &settings.num_heads},
+                           IntFlag{"--decoder-hidden-size", &settings.decoder_hidden_size},
+                           IntFlag{"--decoder-mlp-dim", &settings.decoder_mlp_dim},
+                           IntFlag{"--decoder-num-layers", &settings.decoder_num_layers},
+                           IntFlag{"--decoder-num-heads", &settings.decoder_num_heads}}) {
+    app.add_option(f.name, *f.value, std::string("model option (default: the preset's)"))
+        ->check(mae::int_range(1, 1 << 20));
+  }
+  app.add_option("--masking-ratio", settings.masking_ratio, "share of patches masked (default: the preset's)")
+      ->check(mae::real_range(0.0, 1.0));
+  auto* e2e = app.add_option("--end-to-end", settings.end_to_end,
+                             "CONFIG: train this config for --warmup + --iters steps through mae-pretrain's trainer "
+                             "(warm volume cache, temporary run folder), then time its model alone; prints both");
+  app.add_option("--set", settings.overrides, "KEY=VALUE over the --end-to-end config, as mae-pretrain --set")
+      ->needs(e2e);
   return mae::run_program(app, argc, argv, [&] {
     mae::apply_common_flags(common);
+    if (!settings.end_to_end.empty()) {
+      if (!mae::bench::has_end_to_end()) {
+        throw mae::ConfigError("--end-to-end: this mae-bench was built without the train area");
+      }
+      for (const char* flag : {"--preset", "--batch", "--precision", "--device", "--img", "--patch", "--attention"}) {
+        if (app.count(flag) > 0) {
+          throw mae::ConfigError(std::string("--end-to-end takes the model, batch, device and precision from the "
+                                             "config; use --set instead of ") +
+                                 flag);
+        }
+      }
+      mae::bench::end_to_end(settings.end_to_end, settings.overrides, settings.warmup, settings.iters);
+      return 0;
+    }
     if (!mae::is_device_name(settings.device, /*allow_auto=*/false)) {
       throw mae::ConfigError("--device \"" + mae::printable(settings.device) +
                              "\" is not a device; valid devices: cpu, cuda, cuda:N (N = 0 .. number of GPUs - 1)");
@@ -205,14 +317,20 @@ int main(int argc, char** argv) {
     }
     for (const auto& p : presets) {
       int64_t batch = 0;
-      mae::benchmark_preset(p, batch);  // refuse a bad preset before the slow matmul measurement
+      mae::bench::bench_options(p, settings, batch);  // refuse a bad preset or flag before the slow matmul
     }
-    torch::Device device(settings.device);
-    if (device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, 0);
+    const auto device = mae::bench::parse_device(settings.device);
     // A GPU needs a larger product than a CPU to reach its rate.
-    const double mm = matmul_gflops(device.is_cuda() ? 8192 : 2048, 5, device,
-                                    settings.precision == "bf16" ? torch::kBFloat16 : torch::kFloat);
-    for (const auto& p : presets) std::cout << bench_one(p, settings, mm) << std::endl;
+    const double mm =
+        mae::bench::matmul_gflops(device.is_cuda() ? 8192 : 2048, 5, device, settings.precision == "bf16");
+    for (const auto& p : presets) std::cout << mae::bench::bench_one(p, settings, mm) << std::endl;
     return 0;
   });
 }
+
+#ifndef MAE3D_BENCH_END_TO_END
+namespace mae::bench {
+bool has_end_to_end() { return false; }
+void end_to_end(const std::string&, const std::vector<std::string>&, int, int) {}
+}  // namespace mae::bench
+#endif

@@ -18,3 +18,10 @@ if(TARGET mae_train)
   add_dependencies(mae-pretrain mae-pretrain-main)
   install(TARGETS mae-pretrain RUNTIME DESTINATION bin)
 endif()
+
+# mae-bench --end-to-end runs the trainer, so it is part of mae-bench only where the train area is built.
+if(TARGET mae_train AND TARGET mae-bench)
+  target_sources(mae-bench PRIVATE ${CMAKE_CURRENT_LIST_DIR}/bench_e2e.cpp)
+  target_link_libraries(mae-bench PRIVATE mae_train)
+  target_compile_definitions(mae-bench PRIVATE MAE3D_BENCH_END_TO_END)
+endif()

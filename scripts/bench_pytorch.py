@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
-"""Reference for mae-bench: the same masked autoencoder written as MONAI's MaskedAutoEncoderViT
-computes it (conv patch embedding over all patches, einsum attention, torch.optim.AdamW), in plain
-PyTorch, timed the same way. Run with Debian's python3-torch (the same LibTorch 1.13.1 and BLAS as
-the C++ build), so `mae-bench` and this script compare implementations, not libraries.
+"""Reference for mae-bench: the masked autoencoder as MONAI trains it, timed the same way.
 
-Usage: /usr/bin/python3 scripts/bench_pytorch.py [--preset A B] [--threads 2] [--iters 5]
-Prints one JSON line per preset: preset, step_s (median training step), fwd_s, threads.
+--impl monai (default when MONAI imports): MONAI's own MaskedAutoEncoderViT with torch.optim.AdamW,
+  the masked-patch MSE of MONAI's tutorial;
+--impl plain: the same algorithm written out in plain PyTorch (conv patch embedding over all
+  patches, einsum attention), for machines without MONAI.
+Run it with the python whose torch matches the mae3d build (build/venv-py/bin/python: Debian's
+python3-torch 1.13.1 and the same BLAS; build/venv-lt2/bin/python for the LibTorch 2.x build), so
+that the two compare implementations, not libraries.
+
+Usage: build/venv-py/bin/python scripts/bench_pytorch.py [--preset A B] [--img 128] [--batch 4]
+         [--precision fp32|bf16] [--impl monai|plain] [--threads 2] [--iters 5]
+Prints one JSON line per preset: preset, img, batch, precision, fwd_s, step_s (medians), peak_rss_mb,
+or "error" when the step fails (MONAI's index_put refuses CPU bf16 autocast on torch 1.13).
 """
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -86,29 +94,48 @@ def patchify(x, p):
     return x.reshape(b, -1, p ** 3 * c)
 
 
-def bench(name, iters, warmup):
-    c = PRESETS[name]
+def monai_model(c):
+    from monai.networks.nets import MaskedAutoEncoderViT
+    return MaskedAutoEncoderViT(in_channels=1, img_size=c["img"], patch_size=c["patch"], hidden_size=c["hidden"],
+                                mlp_dim=c["mlp"], num_layers=c["layers"], num_heads=c["heads"], masking_ratio=0.75,
+                                decoder_hidden_size=c["dec"], decoder_mlp_dim=c["dec_mlp"],
+                                decoder_num_layers=c["dec_layers"], decoder_num_heads=c["dec_heads"],
+                                proj_type="conv", pos_embed_type="sincos", decoder_pos_embed_type="sincos",
+                                spatial_dims=3)
+
+
+def bench(name, c, impl, precision, iters, warmup):
     torch.manual_seed(0)
-    model = Mae(c)
+    model = monai_model(c) if impl == "monai" else Mae(c)
+    model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, betas=(0.9, 0.95),
                             weight_decay=0.05)
     x = torch.randn(c["batch"], 1, c["img"], c["img"], c["img"])
     target = patchify(x, c["patch"])
     steps, fwds = [], []
-    for i in range(warmup + iters):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        pred, mask = model(x)
-        loss = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
-        t1 = time.perf_counter()
-        loss.backward()
-        opt.step()
-        t2 = time.perf_counter()
-        if i >= warmup:
-            fwds.append(t1 - t0)
-            steps.append(t2 - t0)
-    return {"preset": name, "impl": "pytorch-python (MONAI algorithm)", "threads": torch.get_num_threads(),
-            "fwd_s": round(statistics.median(fwds), 4), "step_s": round(statistics.median(steps), 4)}
+    result = {"preset": name, "impl": "monai.MaskedAutoEncoderViT" if impl == "monai" else
+              "pytorch-python (MONAI algorithm)", "torch": torch.__version__, "img": c["img"], "batch": c["batch"],
+              "precision": precision, "threads": torch.get_num_threads()}
+    try:
+        for i in range(warmup + iters):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                pred, mask = model(x)
+            loss = (((pred.float() - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+            t1 = time.perf_counter()
+            loss.backward()
+            opt.step()
+            t2 = time.perf_counter()
+            if i >= warmup:
+                fwds.append(t1 - t0)
+                steps.append(t2 - t0)
+    except RuntimeError as e:
+        result["error"] = str(e).splitlines()[0]
+        return result
+    result.update({"fwd_s": round(statistics.median(fwds), 4), "step_s": round(statistics.median(steps), 4),
+                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)})
+    return result
 
 
 def main():
@@ -117,10 +144,26 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--img", type=int, help="crop size (a cube) over the preset's")
+    ap.add_argument("--batch", type=int, help="batch size over the preset's")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--impl", choices=["monai", "plain"])
     args = ap.parse_args()
+    impl = args.impl
+    if impl is None:
+        try:
+            import monai  # noqa: F401
+            impl = "monai"
+        except ImportError:
+            impl = "plain"
     torch.set_num_threads(args.threads)
     for p in args.preset:
-        print(json.dumps(bench(p, args.iters, args.warmup)), flush=True)
+        c = dict(PRESETS[p])
+        if args.img:
+            c["img"] = args.img
+        if args.batch:
+            c["batch"] = args.batch
+        print(json.dumps(bench(p, c, impl, args.precision, args.iters, args.warmup)), flush=True)
 
 
 if __name__ == "__main__":

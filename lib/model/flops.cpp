@@ -30,6 +30,15 @@ double forward_flops(const MaskedAutoencoderOptions& o, int64_t batch) {
   return f * static_cast<double>(batch);
 }
 
+double forward_attention_flops(const MaskedAutoencoderOptions& o, int64_t batch) {
+  const double n = static_cast<double>(o.num_patches());
+  const double keep = static_cast<double>(num_visible(o.num_patches(), o.masking_ratio()));
+  const double e = static_cast<double>(o.hidden_size()), ed = static_cast<double>(o.decoder_hidden_size());
+  const double f = static_cast<double>(o.num_layers()) * 4.0 * (keep + 1.0) * (keep + 1.0) * e +
+                   static_cast<double>(o.decoder_num_layers()) * 4.0 * (n + 1.0) * (n + 1.0) * ed;
+  return f * static_cast<double>(batch);
+}
+
 double encode_flops(const MaskedAutoencoderOptions& o, int64_t batch) {
   const double n = static_cast<double>(o.num_patches());
   const double e = static_cast<double>(o.hidden_size());

@@ -10,6 +10,10 @@ namespace mae {
 /// as this implementation computes it: the patch projection runs on visible patches only.
 double forward_flops(const MaskedAutoencoderOptions& options, int64_t batch);
 
+/// The part of forward_flops in attention's two token-by-token products (q·kᵀ and att·v), which
+/// grow with the square of the token count while every other product grows linearly.
+double forward_attention_flops(const MaskedAutoencoderOptions& options, int64_t batch);
+
 /// Matrix-product FLOPs of one encoder pass over all patches without masking (encode()).
 double encode_flops(const MaskedAutoencoderOptions& options, int64_t batch);
 

@@ -35,6 +35,33 @@ TEST(BenchCli, BadFlagsExit2WithAReadableLine) {
   expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--threads", "4294967296"}, d), 2,
                         {"--threads: 4294967296 is out of range; allowed: 0 .. 4096"});
   expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--preset", "Z"}, d), 2, {"--preset", "A,B,tiny"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--precision", "fp16"}, d), 2, {"--precision", "fp16"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--preset", "tiny", "--img", "30"}, d), 2,
+                        {"preset tiny with the given flags", "does not divide img_size = [30, 30, 30]"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--preset", "A", "--num-heads", "7"}, d), 2,
+                        {"preset A with the given flags"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--set", "train.lr=1"}, d), 2,
+                        {"--set requires --end-to-end"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--end-to-end", "/nonexistent/run.json"}, d), 2,
+                        {"/nonexistent/run.json"});
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--end-to-end", "/nonexistent/run.json", "--batch", "2"}, d),
+                        2, {"--end-to-end takes the model", "--batch"});
+}
+
+// The flags change what runs, and the JSON line says so: crop, batch, precision, token counts and
+// the memory figures (a tiny model, two steps).
+TEST(BenchCli, ModelFlagsReachTheTimedModel) {
+  const test::TempDir dir("mae3d_bench_cli");
+  const auto r = test::run_binary(MAE_BENCH_BIN,
+                                  {"--preset", "tiny", "--img", "32", "16", "32", "--batch", "3", "--precision", "bf16",
+                                   "--warmup", "0", "--iters", "1", "--num-layers", "1", "--decoder-num-layers", "1"},
+                                  dir.path.string());
+  ASSERT_EQ(r.status, 0) << r.err;
+  for (const char* want :
+       {"\"img\": [32, 16, 32]", "\"batch\": 3", "\"precision\": \"bf16\"", "\"encoder_tokens\": 9",
+        "\"decoder_tokens\": 33", "\"state_floor_mb\": ", "\"overhead_mb\": ", "\"attention_share\": "}) {
+    EXPECT_NE(r.out.find(want), std::string::npos) << "'" << want << "' not in: " << r.out;
+  }
 }
 #endif
 
