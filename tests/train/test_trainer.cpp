@@ -148,14 +148,18 @@ nlohmann::json resume_tree(const TempDir& dir) {
   return tree;
 }
 
-TEST_F(Trainer, InterruptedAndResumedRunHasBitIdenticalLosses) {
+// A run interrupted at step 13 and resumed logs the same 30 losses, bit for bit, as one unbroken run.
+void expect_bit_identical_resume(const std::string& precision) {
   TempDir a, b;
   write_dataset(a);
   write_dataset(b);
-  const auto full = mae::train(mae::config_from_json(resume_tree(a)), {});
+  auto tree_a = resume_tree(a), tree_b = resume_tree(b);
+  tree_a["train"]["precision"] = precision;
+  tree_b["train"]["precision"] = precision;
+  const auto full = mae::train(mae::config_from_json(tree_a), {});
   ASSERT_EQ(full.step, 30);
 
-  const auto config_b = mae::config_from_json(resume_tree(b));
+  const auto config_b = mae::config_from_json(tree_b);
   mae::TrainOptions stop_at_13;
   stop_at_13.on_step = [](int64_t step, double) {
     if (step == 13) mae::request_stop(SIGINT);
@@ -175,8 +179,13 @@ TEST_F(Trainer, InterruptedAndResumedRunHasBitIdenticalLosses) {
   const auto la = losses(a / "run"), lb = losses(b / "run");
   ASSERT_EQ(la.size(), 30u);
   ASSERT_EQ(lb.size(), 30u);
-  for (int64_t s = 1; s <= 30; ++s) EXPECT_EQ(la.at(s), lb.at(s)) << "step " << s;
+  for (int64_t s = 1; s <= 30; ++s) EXPECT_EQ(la.at(s), lb.at(s)) << precision << " step " << s;
 }
+
+TEST_F(Trainer, InterruptedAndResumedRunHasBitIdenticalLosses) { expect_bit_identical_resume("fp32"); }
+
+// bf16 autocast keeps fp32 weights and optimizer state, so resuming is as exact as in fp32.
+TEST_F(Trainer, InterruptedAndResumedBfloat16RunHasBitIdenticalLosses) { expect_bit_identical_resume("bf16"); }
 
 TEST_F(Trainer, StopOnACheckpointStepKeepsThatCheckpointAndResumesExactly) {
   TempDir a, b;
