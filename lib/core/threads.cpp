@@ -38,6 +38,11 @@ int set_threads(int threads) {
 }
 
 void setup_background_thread() {
+  // ATen sets a thread's OpenMP team size to the process-wide count on the thread's first parallel
+  // op or get_num_threads() call; calling it now (inside LibTorch, so that its own once-per-thread
+  // flag is the one set) lets the setting below stick. Without it every loader thread ran its crops
+  // on a team of all cores, beside the training threads.
+  (void)at::get_num_threads();
 #if defined(_OPENMP)
   omp_set_num_threads(1);  // this thread's own OpenMP setting; the training thread keeps its own
 #endif
