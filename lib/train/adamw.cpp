@@ -3,7 +3,10 @@
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
+#include <vector>
 
 #include "core/error.h"
 
@@ -11,18 +14,24 @@ namespace mae {
 
 namespace {
 
-// The update of one contiguous float32 range, in a single pass. Restrict pointers and
-// -fno-math-errno (set for this file in CMake) let the compiler vectorise the loop; on x86-64 an
-// AVX2 clone is picked at run time where the processor has it.
+// The per-step constants of the update, in float as the kernel uses them.
+struct StepConstants {
+  float decay_factor, beta1, beta2, step_size, inv_sqrt_bc2, eps, scale;
+};
+
+// The update of one contiguous float32 range, in a single pass, with the gradient scaled first.
+// Restrict pointers and -fno-math-errno (set for this file in CMake) let the compiler vectorise the
+// loop; on x86-64 an AVX2 clone is picked at run time where the processor has it.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
 void update_range(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
-                  int64_t n, float decay_factor, float beta1, float beta2, float step_size, float inv_sqrt_bc2,
-                  float eps) {
-  const float one_minus_b1 = 1.0f - beta1, one_minus_b2 = 1.0f - beta2;
+                  int64_t n, const StepConstants& c) {
+  const float beta1 = c.beta1, beta2 = c.beta2, one_minus_b1 = 1.0f - beta1, one_minus_b2 = 1.0f - beta2;
+  const float decay_factor = c.decay_factor, step_size = c.step_size, inv_sqrt_bc2 = c.inv_sqrt_bc2, eps = c.eps;
+  const float scale = c.scale;  // x * 1.0f == x exactly: unscaled gradients are read as they are
   for (int64_t i = 0; i < n; ++i) {
-    const float gi = g[i];
+    const float gi = g[i] * scale;
     const float mi = beta1 * m[i] + one_minus_b1 * gi;
     const float vi = beta2 * v[i] + one_minus_b2 * gi * gi;
     m[i] = mi;
@@ -31,12 +40,89 @@ void update_range(float* __restrict p, const float* __restrict g, float* __restr
   }
 }
 
-void fused_update(float* p, const float* g, float* m, float* v, int64_t n, float decay_factor, float beta1, float beta2,
-                  float step_size, float inv_sqrt_bc2, float eps) {
-  at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-    update_range(p + begin, g + begin, m + begin, v + begin, end - begin, decay_factor, beta1, beta2, step_size,
-                 inv_sqrt_bc2, eps);
+// Sum of squares of one block, in double, over 16 independent lanes combined in a fixed order: the
+// lanes let the compiler vectorise without reassociating, and the result depends on the block alone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+double
+sum_squares(const float* __restrict g, int64_t n) {
+  constexpr int kLanes = 16;
+  double lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lane[j] += static_cast<double>(g[i + j]) * static_cast<double>(g[i + j]);
+  }
+  double tail = 0.0;
+  for (; i < n; ++i) tail += static_cast<double>(g[i]) * static_cast<double>(g[i]);
+  double s = 0.0;
+  for (double l : lane) s += l;
+  return s + tail;
+}
+
+// update_range and sum_squares in one loop: each gradient is read once.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+double
+update_range_sq(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v, int64_t n,
+                const StepConstants& c) {
+  const float beta1 = c.beta1, beta2 = c.beta2, one_minus_b1 = 1.0f - beta1, one_minus_b2 = 1.0f - beta2;
+  const float decay_factor = c.decay_factor, step_size = c.step_size, inv_sqrt_bc2 = c.inv_sqrt_bc2, eps = c.eps;
+  const float scale = c.scale;
+  constexpr int kLanes = 16;
+  double lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float graw = g[i + j];
+      lane[j] += static_cast<double>(graw) * static_cast<double>(graw);
+      const float gi = graw * scale;
+      const float mi = beta1 * m[i + j] + one_minus_b1 * gi;
+      const float vi = beta2 * v[i + j] + one_minus_b2 * gi * gi;
+      m[i + j] = mi;
+      v[i + j] = vi;
+      p[i + j] = p[i + j] * decay_factor - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
+    }
+  }
+  double tail = sum_squares(g + i, n - i);
+  update_range(p + i, g + i, m + i, v + i, n - i, c);
+  double s = 0.0;
+  for (double l : lane) s += l;
+  return s + tail;
+}
+
+// Each parameter is cut into blocks of kBlock elements; the threads take whole blocks, each block's
+// sum of squares is kept apart, and the blocks are summed in order afterwards, so the norm is the
+// same for any thread count.
+constexpr int64_t kBlock = 1 << 15;
+
+// One parameter's update (when `update`) and its gradient's sum of squares (when `sq`), with the
+// gradient scaled by `scale` first.
+double fused_pass(float* p, const float* g, float* m, float* v, int64_t n, const StepConstants& c, bool update, bool sq,
+                  std::vector<double>& partial) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  partial.assign(static_cast<size_t>(blocks), 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * kBlock, len = std::min(kBlock, n - begin);
+      if (sq && update) {
+        partial[b] = update_range_sq(p + begin, g + begin, m + begin, v + begin, len, c);
+      } else if (sq) {
+        partial[b] = sum_squares(g + begin, len);
+      } else {
+        update_range(p + begin, g + begin, m + begin, v + begin, len, c);
+      }
+    }
   });
+  double s = 0.0;
+  for (double x : partial) s += x;
+  return s;
+}
+
+bool fusable(const torch::Tensor& p, const torch::Tensor& g) {
+  return p.device().is_cpu() && p.scalar_type() == torch::kFloat && g.scalar_type() == torch::kFloat &&
+         p.is_contiguous() && g.is_contiguous();
 }
 
 }  // namespace
@@ -50,13 +136,38 @@ AdamW::AdamW(std::vector<AdamWGroup> groups, AdamWOptions options) : groups_(std
   }
 }
 
-void AdamW::step() {
+double AdamW::grad_sq_norm() const {
+  torch::NoGradGuard no_grad;
+  std::vector<double> partial;
+  double sq = 0.0;
+  std::optional<torch::Tensor> other;  // the parameters off the fused path, summed on their device
+  for (const auto& group : groups_) {
+    for (const auto& p : group.params) {
+      const auto& g = p.grad();
+      if (!g.defined()) continue;
+      if (fusable(p, g)) {
+        sq += fused_pass(nullptr, g.data_ptr<float>(), nullptr, nullptr, g.numel(), StepConstants{}, false, true,
+                         partial);
+      } else {
+        auto s = g.to(torch::kDouble).pow(2).sum();
+        other = other ? *other + s : s;
+      }
+    }
+  }
+  return other ? sq + other->item<double>() : sq;
+}
+
+void AdamW::step(const StepOptions& options) {
   torch::NoGradGuard no_grad;
   ++step_;
   const double bc1 = 1.0 - std::pow(options_.beta1, static_cast<double>(step_));
   const double bc2 = 1.0 - std::pow(options_.beta2, static_cast<double>(step_));
   const double step_size = options_.lr / bc1;
   const double inv_sqrt_bc2 = 1.0 / std::sqrt(bc2);
+  const bool want_sq = options.grad_sq_norm != nullptr;
+  std::vector<double> partial;
+  double sq = 0.0;
+  std::optional<torch::Tensor> other;
   size_t k = 0;
   for (auto& group : groups_) {
     const double decay_factor = 1.0 - options_.lr * group.weight_decay;
@@ -64,15 +175,21 @@ void AdamW::step() {
       auto& m = exp_avg_[k];
       auto& v = exp_avg_sq_[k];
       ++k;
-      const auto& g = p.grad();
-      if (!g.defined()) continue;
-      if (p.device().is_cpu() && p.scalar_type() == torch::kFloat && g.scalar_type() == torch::kFloat &&
-          p.is_contiguous() && g.is_contiguous()) {
-        fused_update(p.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), p.numel(),
-                     static_cast<float>(decay_factor), static_cast<float>(options_.beta1),
-                     static_cast<float>(options_.beta2), static_cast<float>(step_size),
-                     static_cast<float>(inv_sqrt_bc2), static_cast<float>(options_.eps));
+      const auto& grad = p.grad();
+      if (!grad.defined()) continue;
+      if (fusable(p, grad)) {
+        const StepConstants c{static_cast<float>(decay_factor),      static_cast<float>(options_.beta1),
+                              static_cast<float>(options_.beta2),    static_cast<float>(step_size),
+                              static_cast<float>(inv_sqrt_bc2),      static_cast<float>(options_.eps),
+                              static_cast<float>(options.grad_scale)};
+        sq += fused_pass(p.data_ptr<float>(), grad.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
+                         p.numel(), c, true, want_sq, partial);
       } else {
+        if (want_sq) {
+          auto s = grad.to(torch::kDouble).pow(2).sum();
+          other = other ? *other + s : s;
+        }
+        const auto g = options.grad_scale != 1.0 ? grad * static_cast<float>(options.grad_scale) : grad;
         p.mul_(decay_factor);
         m.mul_(options_.beta1).add_(g, 1.0 - options_.beta1);
         v.mul_(options_.beta2).addcmul_(g, g, 1.0 - options_.beta2);
@@ -80,6 +197,7 @@ void AdamW::step() {
       }
     }
   }
+  if (want_sq) *options.grad_sq_norm = other ? sq + other->item<double>() : sq;
 }
 
 void AdamW::zero_grad() {

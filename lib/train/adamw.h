@@ -1,7 +1,10 @@
 // AdamW with decoupled weight decay (Loshchilov & Hutter), the update of torch.optim.AdamW, fused
 // into one pass over each parameter on the CPU. LibTorch's own AdamW runs about ten separate
 // element-wise passes per parameter, which for a ViT-B is a quarter of a training step on a
-// two-core machine; here it is one memory pass. Other devices and dtypes use tensor ops.
+// two-core machine; here it is one memory pass. The global gradient norm that logging and clipping
+// need is taken in that pass too, or (for clipping, which needs it first) in one read pass with the
+// clip factor folded into the update, instead of clip_grad_norm_'s separate norm and scale passes.
+// Other devices and dtypes use tensor ops.
 #pragma once
 
 #include <torch/serialize/archive.h>
@@ -31,8 +34,21 @@ class AdamW {
   /// Takes the groups and allocates zeroed moment buffers.
   AdamW(std::vector<AdamWGroup> groups, AdamWOptions options);
 
+  /// What step() does besides the update.
+  struct StepOptions {
+    double grad_scale = 1.0;         ///< gradients are multiplied by this first (clipping); they stay as they are
+    double* grad_sq_norm = nullptr;  ///< when set, receives the sum of squares of the unscaled gradients,
+                                     ///< taken in the same pass as the update
+  };
+
   /// One update from the parameters' current gradients; parameters without a gradient are skipped.
-  void step();
+  void step(const StepOptions& options);
+  /// One update, gradients as they are.
+  void step() { step(StepOptions{}); }
+  /// Sum of squares of all gradients, in one read pass (a global gradient norm is its square root).
+  /// Summed in double over fixed blocks in a fixed order: the same for any thread count, and the same
+  /// value step() reports through StepOptions::grad_sq_norm.
+  double grad_sq_norm() const;
   /// Sets every parameter's gradient to undefined (frees it), as zero_grad(set_to_none=True).
   void zero_grad();
   /// Learning rate of the next step.

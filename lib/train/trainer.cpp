@@ -878,19 +878,20 @@ struct Trainer::Impl {
       collective.clear();
     }
     const bool log_now = (step + 1) % config.train.log_every == 0 || step + 1 == total;
+    // The global gradient norm comes from the optimizer's own pass over the gradients: for clipping
+    // one read pass first, the clip factor then folded into the update (torch's clip_grad_norm_
+    // reads, then rescales every gradient); for logging alone, the update pass itself.
+    AdamW::StepOptions update;
+    double sq = std::nan("");
     if (config.train.grad_clip_norm > 0.0) {
-      st.grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), config.train.grad_clip_norm);
+      st.grad_norm = std::sqrt(optimizer->grad_sq_norm());
+      const double coef = config.train.grad_clip_norm / (st.grad_norm + 1e-6);  // as clip_grad_norm_
+      if (coef < 1.0 || !std::isfinite(coef)) update.grad_scale = coef;
     } else if (log_now) {
-      double sq = 0.0;
-      for (const auto& p : model->parameters()) {
-        if (p.grad().defined()) {
-          const double n = p.grad().norm().item<double>();  // no temporary, unlike pow(2).sum()
-          sq += n * n;
-        }
-      }
-      st.grad_norm = std::sqrt(sq);
+      update.grad_sq_norm = &sq;
     }
-    optimizer->step();
+    optimizer->step(update);
+    if (update.grad_sq_norm) st.grad_norm = std::sqrt(sq);
     optimizer->zero_grad();
     ++step;
     position = next_position;

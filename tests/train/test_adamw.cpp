@@ -76,4 +76,67 @@ TEST(AdamW, StateRoundTripsThroughAnArchiveAndRejectsAMismatch) {
   EXPECT_THROW(other.load(in2), mae::CheckpointError);
 }
 
+// The global gradient norm the trainer logs and clips by: torch's value, taken in the update pass,
+// and bit-identical for any thread count (parameters span several of the kernel's blocks).
+TEST(AdamW, GradientNormMatchesTorchInTheUpdatePassForAnyThreadCount) {
+  torch::manual_seed(1);
+  std::vector<torch::Tensor> init{torch::randn({300, 1000}), torch::randn({70000}), torch::randn({5}),
+                                  torch::randn({4, 3}, torch::kDouble)};  // double: the tensor-op path
+  auto run = [&](int threads, bool in_update) {
+    at::set_num_threads(threads);
+    std::vector<torch::Tensor> ps;
+    for (const auto& t : init) ps.push_back(t.clone().requires_grad_(true));
+    mae::AdamW opt({{{ps[0], ps[1]}, 0.05}, {{ps[2], ps[3]}, 0.0}}, {});
+    torch::Tensor loss = torch::zeros({}, torch::kDouble);
+    for (const auto& p : ps) loss = loss + (p * p * p).sum().to(torch::kDouble);
+    loss.backward();
+    double sq = 0.0;
+    if (in_update) {
+      mae::AdamW::StepOptions o;
+      o.grad_sq_norm = &sq;
+      opt.step(o);
+    } else {
+      sq = opt.grad_sq_norm();
+    }
+    double ref = 0.0;
+    for (const auto& p : ps) ref += p.grad().to(torch::kDouble).pow(2).sum().item<double>();
+    EXPECT_NEAR(sq, ref, 1e-12 * ref);
+    return sq;
+  };
+  const double one = run(1, false), two = run(2, false), in_pass = run(2, true), in_pass_one = run(1, true);
+  EXPECT_EQ(one, two);
+  EXPECT_EQ(one, in_pass);
+  EXPECT_EQ(one, in_pass_one);
+}
+
+// Clipping as the trainer does it (norm first, factor folded into the update) equals torch's
+// clip_grad_norm_ followed by torch's AdamW, and leaves the gradients themselves unchanged.
+TEST(AdamW, ScaledStepMatchesClipGradNormThenLibTorchAdamW) {
+  at::set_num_threads(2);
+  torch::manual_seed(2);
+  auto a1 = torch::randn({400, 300}, torch::requires_grad());
+  auto a2 = a1.detach().clone().requires_grad_(true);
+  mae::AdamW mine({{{a1}, 0.05}}, mae::AdamWOptions{1e-2, 0.9, 0.95, 1e-8});
+  torch::optim::AdamW ref({a2}, torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).weight_decay(0.05));
+  const double max_norm = 0.5;
+  auto x = torch::randn({16, 400});
+  for (int step = 0; step < 4; ++step) {
+    mine.zero_grad();
+    ref.zero_grad();
+    x.matmul(a1).pow(2).mean().backward();
+    x.matmul(a2).pow(2).mean().backward();
+    const double norm = std::sqrt(mine.grad_sq_norm());
+    const auto before = a1.grad().clone();
+    mae::AdamW::StepOptions o;
+    o.grad_scale = std::min(1.0, max_norm / (norm + 1e-6));
+    ASSERT_LT(o.grad_scale, 1.0) << "the test must clip";
+    mine.step(o);
+    EXPECT_TRUE(torch::equal(a1.grad(), before));
+    const double ref_norm = torch::nn::utils::clip_grad_norm_(std::vector<torch::Tensor>{a2}, max_norm);
+    EXPECT_NEAR(norm, ref_norm, 1e-5 * ref_norm);
+    ref.step();
+  }
+  EXPECT_TRUE(torch::allclose(a1, a2, 1e-5, 1e-6)) << (a1 - a2).abs().max();
+}
+
 }  // namespace
