@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
@@ -66,6 +68,14 @@ double peak_rss_mb() {
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   return static_cast<double>(usage.ru_maxrss) / 1024.0;
+}
+
+double current_rss_mb() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;  // "VmRSS:  1234 kB"
+  }
+  return -1.0;
 }
 
 c10::Device parse_device(const std::string& name) {
@@ -168,6 +178,7 @@ struct BenchSettings {
   double masking_ratio = -1.0;
   std::string end_to_end;              // --end-to-end CONFIG
   std::vector<std::string> overrides;  // --set KEY=VALUE for --end-to-end
+  bool optimizer = false;              // --optimizer: the optimizer's variants alone
 };
 
 // A size list of 1 entry means a cube.
@@ -202,7 +213,7 @@ MaskedAutoencoderOptions bench_options(const std::string& name, const BenchSetti
   return o;
 }
 
-std::string bench_one(const std::string& name, const BenchSettings& s, double mm_gflops) {
+std::string bench_one(const std::string& name, const BenchSettings& s, double mm_gflops, double start_rss_mb) {
   int64_t batch = 0;
   const auto options = bench_options(name, s, batch);
   // What actually runs: LibTorch 1.13 has no fused kernel and takes the explicit path either way.
@@ -225,8 +236,73 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
      << ", \"step_gflop\": " << t.step_gflop << ", \"attention_share\": " << t.attention_share
      << ", \"gflops\": " << gflops << ", \"matmul_gflops\": " << mm_gflops << ", \"mfu\": " << gflops / mm_gflops
      << ", \"peak_rss_mb\": " << rss << ", \"state_floor_mb\": " << floor_mb << ", \"overhead_mb\": " << rss - floor_mb;
+  // The process as it started (libraries, LibTorch's operator tables): what the step itself cannot
+  // shrink; the net overhead is the rest (activations, workspaces, allocator slack).
+  if (start_rss_mb >= 0)
+    os << ", \"start_rss_mb\": " << start_rss_mb << ", \"net_overhead_mb\": " << rss - floor_mb - start_rss_mb;
   const double device_mb = peak_device_mb(device);
   if (device_mb >= 0) os << ", \"peak_device_mb\": " << device_mb;
+  os << ", \"iters\": " << s.iters << "}";
+  return os.str();
+}
+
+// --optimizer: the preset model's AdamW update alone, in the variants a training step can take,
+// alternated within every iteration so that the machine's drift hits them alike: the update; the
+// update with the gradient norm taken in the same pass (a logging step); clipping as the trainer does
+// it (one norm pass, the factor folded into the update); and the two torch ways: a norm per parameter
+// then the update, and clip_grad_norm_ then the update. Fresh random gradients before each.
+std::string bench_optimizer(const std::string& name, const BenchSettings& s) {
+  int64_t batch = 0;
+  const auto options = bench_options(name, s, batch);
+  torch::manual_seed(0);
+  MaskedAutoencoder model(options);
+  const auto device = parse_device(s.device);
+  model->to(device);
+  auto groups = decay_groups(*model);
+  AdamW optimizer({{groups.first, /*weight_decay=*/0.05}, {groups.second, /*weight_decay=*/0.0}}, AdamWOptions{});
+  auto sync = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize(device.index());
+  };
+  std::vector<torch::Tensor> params = groups.first;
+  params.insert(params.end(), groups.second.begin(), groups.second.end());
+  int64_t count = 0;
+  for (const auto& p : params) count += p.numel();
+  const char* names[] = {"update_s", "update_with_norm_s", "clip_s", "torch_norm_then_update_s",
+                         "torch_clip_grad_norm_then_update_s"};
+  constexpr int kVariants = 5;
+  std::vector<double> times[kVariants];
+  torch::NoGradGuard no_grad;
+  for (int i = 0; i < s.warmup + s.iters; ++i) {
+    for (int k = 0; k < kVariants; ++k) {
+      for (auto& p : params) p.mutable_grad() = torch::randn_like(p).mul_(1e-3);
+      sync();
+      const auto t0 = Clock::now();
+      double sq = 0.0;
+      AdamW::StepOptions o;
+      if (k == 0) {
+        optimizer.step();
+      } else if (k == 1) {
+        o.grad_sq_norm = &sq;
+        optimizer.step(o);
+      } else if (k == 2) {
+        o.grad_scale = std::min(1.0, 1e-3 / (std::sqrt(optimizer.grad_sq_norm()) + 1e-6));
+        optimizer.step(o);
+      } else if (k == 3) {
+        for (const auto& p : params) sq += std::pow(p.grad().norm().item<double>(), 2);
+        optimizer.step();
+      } else {
+        torch::nn::utils::clip_grad_norm_(params, 1e-3);
+        optimizer.step();
+      }
+      sync();
+      if (i >= s.warmup) times[k].push_back(seconds_since(t0));
+    }
+  }
+  std::ostringstream os;
+  os << std::setprecision(4) << "{\"preset\": \"" << name
+     << "\", \"optimizer\": \"AdamW\", \"threads\": " << at::get_num_threads()
+     << ", \"params_m\": " << static_cast<double>(count) / 1e6;
+  for (int k = 0; k < kVariants; ++k) os << ", \"" << names[k] << "\": " << median(times[k]);
   os << ", \"iters\": " << s.iters << "}";
   return os.str();
 }
@@ -236,6 +312,7 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
 }  // namespace mae::bench
 
 int main(int argc, char** argv) {
+  const double start_rss_mb = mae::bench::current_rss_mb();
   using mae::bench::BenchSettings;
   using mae::bench::kMaxSteps;
   CLI::App app{"mae-bench: training-step speed of the masked autoencoder, as JSON lines"};
@@ -284,6 +361,10 @@ int main(int argc, char** argv) {
                              "(warm volume cache, temporary run folder), then time its model alone; prints both");
   app.add_option("--set", settings.overrides, "KEY=VALUE over the --end-to-end config, as mae-pretrain --set")
       ->needs(e2e);
+  app.add_flag("--optimizer", settings.optimizer,
+               "time the preset model's AdamW alone: the update, with the gradient norm in the same pass, clipping, "
+               "and torch's norm / clip_grad_norm_ before the update")
+      ->excludes(e2e);
   return mae::run_program(app, argc, argv, [&] {
     mae::apply_common_flags(common);
     if (!settings.end_to_end.empty()) {
@@ -319,11 +400,15 @@ int main(int argc, char** argv) {
       int64_t batch = 0;
       mae::bench::bench_options(p, settings, batch);  // refuse a bad preset or flag before the slow matmul
     }
+    if (settings.optimizer) {
+      for (const auto& p : presets) std::cout << mae::bench::bench_optimizer(p, settings) << std::endl;
+      return 0;
+    }
     const auto device = mae::bench::parse_device(settings.device);
     // A GPU needs a larger product than a CPU to reach its rate.
     const double mm =
         mae::bench::matmul_gflops(device.is_cuda() ? 8192 : 2048, 5, device, settings.precision == "bf16");
-    for (const auto& p : presets) std::cout << mae::bench::bench_one(p, settings, mm) << std::endl;
+    for (const auto& p : presets) std::cout << mae::bench::bench_one(p, settings, mm, start_rss_mb) << std::endl;
     return 0;
   });
 }

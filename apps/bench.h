@@ -36,6 +36,9 @@ double median(std::vector<double> v);
 /// Peak resident memory of this process so far, in MiB.
 double peak_rss_mb();
 
+/// Resident memory of this process now, in MiB (VmRSS; -1 where /proc is missing).
+double current_rss_mb();
+
 /// `cuda` -> `cuda:0`; other devices as given.
 c10::Device parse_device(const std::string& name);
 

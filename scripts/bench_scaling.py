@@ -7,7 +7,7 @@ Usage: /usr/bin/python3 scripts/bench_scaling.py [--build build] [--crops 64 96 
          [--monai build/venv-py/bin/python] [--monai-batches 2]
 Prints one JSON line per point (mae-bench's own line), then a Markdown table: step time, GFLOP/s,
 the share of the same process's matrix-product rate (mfu), peak RSS, the overhead above the fp32
-optimizer-state floor, and attention's share of the FLOPs. With --monai, MONAI's
+optimizer-state floor (also net of the process's RSS at start), and attention's share of the FLOPs. With --monai, MONAI's
 MaskedAutoEncoderViT (scripts/bench_pytorch.py with that python) at the same crops in fp32, for
 the batches of --monai-batches.
 """
@@ -58,15 +58,15 @@ def main():
 
     print()
     print("| crop | tokens enc/dec | batch | precision | step s | GFLOP/s | mfu | peak RSS MB | over floor MB |"
-          " attention | MONAI fp32 step s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          " net of start MB | attention | MONAI fp32 step s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         crop = r["img"][0] if isinstance(r["img"], list) else r["img"]
         m = monai.get((crop, r["batch"])) if r["precision"] == "fp32" else None
         ms = f"{m['step_s']:.3g} ({m['step_s'] / r['step_s']:.2f}x)" if m and "step_s" in m else ""
         print(f"| {crop}³ | {r['encoder_tokens']}/{r['decoder_tokens']} | {r['batch']} | {r['precision']} |"
               f" {r['step_s']:.3g} | {r['gflops']:.0f} | {r['mfu']:.2f} | {r['peak_rss_mb']:.0f} |"
-              f" {r['overhead_mb']:.0f} | {100 * r['attention_share']:.1f} % | {ms} |")
+              f" {r['overhead_mb']:.0f} | {r['net_overhead_mb']:.0f} | {100 * r['attention_share']:.1f} % | {ms} |")
 
 
 if __name__ == "__main__":

@@ -57,11 +57,25 @@ TEST(BenchCli, ModelFlagsReachTheTimedModel) {
                                    "--warmup", "0", "--iters", "1", "--num-layers", "1", "--decoder-num-layers", "1"},
                                   dir.path.string());
   ASSERT_EQ(r.status, 0) << r.err;
-  for (const char* want :
-       {"\"img\": [32, 16, 32]", "\"batch\": 3", "\"precision\": \"bf16\"", "\"encoder_tokens\": 9",
-        "\"decoder_tokens\": 33", "\"state_floor_mb\": ", "\"overhead_mb\": ", "\"attention_share\": "}) {
+  for (const char* want : {"\"img\": [32, 16, 32]", "\"batch\": 3", "\"precision\": \"bf16\"", "\"encoder_tokens\": 9",
+                           "\"decoder_tokens\": 33", "\"state_floor_mb\": ", "\"overhead_mb\": ", "\"start_rss_mb\": ",
+                           "\"net_overhead_mb\": ", "\"attention_share\": "}) {
     EXPECT_NE(r.out.find(want), std::string::npos) << "'" << want << "' not in: " << r.out;
   }
+}
+
+TEST(BenchCli, OptimizerTimesEveryVariantOfTheUpdate) {
+  const test::TempDir dir("mae3d_bench_cli");
+  const auto r = test::run_binary(MAE_BENCH_BIN, {"--preset", "tiny", "--optimizer", "--warmup", "0", "--iters", "2"},
+                                  dir.path.string());
+  ASSERT_EQ(r.status, 0) << r.err;
+  for (const char* want :
+       {"\"preset\": \"tiny\"", "\"optimizer\": \"AdamW\"", "\"update_s\": ", "\"update_with_norm_s\": ",
+        "\"clip_s\": ", "\"torch_norm_then_update_s\": ", "\"torch_clip_grad_norm_then_update_s\": ", "\"iters\": 2"}) {
+    EXPECT_NE(r.out.find(want), std::string::npos) << "'" << want << "' not in: " << r.out;
+  }
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, {"--optimizer", "--end-to-end", "x.json"}, dir.path.string()),
+                        2, {"--optimizer", "--end-to-end"});
 }
 #endif
 
