@@ -19,7 +19,34 @@ struct StepConstants {
   float decay_factor, beta1, beta2, step_size, inv_sqrt_bc2, eps, scale;
 };
 
-// The update of one contiguous float32 range, in a single pass, with the gradient scaled first.
+// The constants as the element update reads them, copied into the kernel's own frame so that the
+// compiler knows no store through the tensors' pointers changes them.
+struct Coefficients {
+  float beta1, beta2, one_minus_b1, one_minus_b2, decay_factor, step_size, inv_sqrt_bc2, eps, scale;
+  explicit Coefficients(const StepConstants& c)
+      : beta1(c.beta1),
+        beta2(c.beta2),
+        one_minus_b1(1.0f - c.beta1),
+        one_minus_b2(1.0f - c.beta2),
+        decay_factor(c.decay_factor),
+        step_size(c.step_size),
+        inv_sqrt_bc2(c.inv_sqrt_bc2),
+        eps(c.eps),
+        scale(c.scale) {}
+};
+
+// One element of the update, with its gradient scaled first (x * 1.0f == x exactly: unscaled
+// gradients are read as they are). Both kernels below use it, so they compute the same bits.
+inline void update_element(float& p, float graw, float& m, float& v, const Coefficients& k) {
+  const float gi = graw * k.scale;
+  const float mi = k.beta1 * m + k.one_minus_b1 * gi;
+  const float vi = k.beta2 * v + k.one_minus_b2 * gi * gi;
+  m = mi;
+  v = vi;
+  p = p * k.decay_factor - k.step_size * mi / (std::sqrt(vi) * k.inv_sqrt_bc2 + k.eps);
+}
+
+// The update of one contiguous float32 range, in a single pass.
 // Restrict pointers and -fno-math-errno (set for this file in CMake) let the compiler vectorise the
 // loop; on x86-64 an AVX2 clone is picked at run time where the processor has it.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -27,17 +54,8 @@ __attribute__((target_clones("avx2", "default")))
 #endif
 void update_range(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
                   int64_t n, const StepConstants& c) {
-  const float beta1 = c.beta1, beta2 = c.beta2, one_minus_b1 = 1.0f - beta1, one_minus_b2 = 1.0f - beta2;
-  const float decay_factor = c.decay_factor, step_size = c.step_size, inv_sqrt_bc2 = c.inv_sqrt_bc2, eps = c.eps;
-  const float scale = c.scale;  // x * 1.0f == x exactly: unscaled gradients are read as they are
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = g[i] * scale;
-    const float mi = beta1 * m[i] + one_minus_b1 * gi;
-    const float vi = beta2 * v[i] + one_minus_b2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = p[i] * decay_factor - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
-  }
+  const Coefficients k(c);
+  for (int64_t i = 0; i < n; ++i) update_element(p[i], g[i], m[i], v[i], k);
 }
 
 // Sum of squares of one block, in double, over 16 independent lanes combined in a fixed order: the
@@ -67,22 +85,14 @@ __attribute__((target_clones("avx2", "default")))
 double
 update_range_sq(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v, int64_t n,
                 const StepConstants& c) {
-  const float beta1 = c.beta1, beta2 = c.beta2, one_minus_b1 = 1.0f - beta1, one_minus_b2 = 1.0f - beta2;
-  const float decay_factor = c.decay_factor, step_size = c.step_size, inv_sqrt_bc2 = c.inv_sqrt_bc2, eps = c.eps;
-  const float scale = c.scale;
+  const Coefficients k(c);
   constexpr int kLanes = 16;
   double lane[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const float graw = g[i + j];
-      lane[j] += static_cast<double>(graw) * static_cast<double>(graw);
-      const float gi = graw * scale;
-      const float mi = beta1 * m[i + j] + one_minus_b1 * gi;
-      const float vi = beta2 * v[i + j] + one_minus_b2 * gi * gi;
-      m[i + j] = mi;
-      v[i + j] = vi;
-      p[i + j] = p[i + j] * decay_factor - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
+      lane[j] += static_cast<double>(g[i + j]) * static_cast<double>(g[i + j]);
+      update_element(p[i + j], g[i + j], m[i + j], v[i + j], k);
     }
   }
   double tail = sum_squares(g + i, n - i);
