@@ -19,6 +19,7 @@ struct StepTiming {
   double attention_share = 0.0;  ///< share of step_gflop in the attention products (q k^T, att v)
   int64_t params = 0;            ///< all parameters
   int64_t trainable = 0;         ///< parameters with gradients (what AdamW keeps moments for)
+  double anon_mb = -1.0;         ///< the largest current_anon_mb() after a timed step's backward or update
 };
 
 /// Times `warmup` + `iters` training steps (forward, masked loss, backward, fused AdamW) of a model
@@ -38,6 +39,10 @@ double peak_rss_mb();
 
 /// Resident memory of this process now, in MiB (VmRSS; -1 where /proc is missing).
 double current_rss_mb();
+
+/// Its private anonymous part now, in MiB (RssAnon: the heap and other written pages, without the
+/// libraries' clean file-backed pages; -1 where /proc is missing).
+double current_anon_mb();
 
 /// `cuda` -> `cuda:0`; other devices as given.
 c10::Device parse_device(const std::string& name);

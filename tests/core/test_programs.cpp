@@ -57,9 +57,10 @@ TEST(BenchCli, ModelFlagsReachTheTimedModel) {
                                    "--warmup", "0", "--iters", "1", "--num-layers", "1", "--decoder-num-layers", "1"},
                                   dir.path.string());
   ASSERT_EQ(r.status, 0) << r.err;
-  for (const char* want : {"\"img\": [32, 16, 32]", "\"batch\": 3", "\"precision\": \"bf16\"", "\"encoder_tokens\": 9",
-                           "\"decoder_tokens\": 33", "\"state_floor_mb\": ", "\"overhead_mb\": ", "\"start_rss_mb\": ",
-                           "\"net_overhead_mb\": ", "\"attention_share\": "}) {
+  for (const char* want :
+       {"\"img\": [32, 16, 32]", "\"batch\": 3", "\"precision\": \"bf16\"", "\"encoder_tokens\": 9",
+        "\"decoder_tokens\": 33", "\"state_floor_mb\": ", "\"overhead_mb\": ", "\"start_rss_mb\": ",
+        "\"net_overhead_mb\": ", "\"anon_mb\": ", "\"anon_overhead_mb\": ", "\"attention_share\": "}) {
     EXPECT_NE(r.out.find(want), std::string::npos) << "'" << want << "' not in: " << r.out;
   }
 }
