@@ -14,6 +14,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "core/cpu_arena.h"
 #include "core/error.h"
 #include "core/printable.h"
 #include "core/threads.h"
@@ -165,6 +166,7 @@ int run_program(CLI::App& app, int argc, char** argv, const std::function<int()>
   }
   tune_allocator();
   try {
+    install_cpu_arena();  // large CPU tensors in a best-fit arena unless MAE3D_CPU_ALLOCATOR=system
     return body();
   } catch (const Error& e) {
     const std::string line = one_line(e.what());

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/Allocator.h>
 #include <torch/version.h>
 
 #include <optional>
@@ -64,6 +65,23 @@ class AutocastScope {
  private:
   bool enabled_;
   at::DeviceType device_;
+};
+
+/// Base of a CPU allocator for c10::SetCPUAllocator. LibTorch 2.3 made Allocator::allocate
+/// non-const and added the pure virtual copy_data; a subclass implements allocate_bytes only.
+/// (Built and tested on 1.13 and 2.15; the 2.3 boundary is where the interface changed.)
+class CpuAllocatorBase : public c10::Allocator {
+ public:
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+  c10::DataPtr allocate(size_t n) override { return allocate_bytes(n); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+#else
+  c10::DataPtr allocate(size_t n) const override { return allocate_bytes(n); }
+#endif
+
+ protected:
+  /// The block for a tensor of `n` bytes, with this allocator's deleter.
+  virtual c10::DataPtr allocate_bytes(size_t n) const = 0;
 };
 
 }  // namespace mae::compat

@@ -105,6 +105,14 @@ class PretrainCli : public ::testing::Test {
 
   Result run(const std::vector<std::string>& args, rlim_t file_limit = 0) { return finish(start(args, file_limit)); }
 
+  // run() with MAE3D_CPU_ALLOCATOR set to `allocator` for the child only.
+  Result run_with_allocator(const std::string& allocator, const std::vector<std::string>& args) {
+    ::setenv("MAE3D_CPU_ALLOCATOR", allocator.c_str(), 1);
+    const pid_t pid = start(args);
+    ::unsetenv("MAE3D_CPU_ALLOCATOR");
+    return finish(pid);
+  }
+
   // Waits until metrics.jsonl has at least `lines` records.
   bool wait_for_steps(int lines) {
     for (int i = 0; i < 600; ++i) {
@@ -342,3 +350,28 @@ TEST_F(PretrainCli, DiskFullWhileCheckpointingNamesThePathAndKeepsThePreviousChe
 }
 
 }  // namespace
+
+// The CPU tensor arena changes where tensors live, never what training computes: the same config
+// trained with LibTorch's own allocator and with the arena ends with the same bits in every weight.
+TEST_F(PretrainCli, TheCpuAllocatorDoesNotChangeTheTrainedWeights) {
+  const std::vector<std::string> model{"--set", "train.max_steps=4", "--set", "model.hidden_size=96",
+                                       "--set", "model.mlp_dim=384", "--set", "model.num_layers=2"};
+  for (const std::string allocator : {"system", "arena"}) {
+    std::vector<std::string> args{"--config", config(), "--set", "output.dir=" + (dir_ / allocator).string()};
+    args.insert(args.end(), model.begin(), model.end());
+    const auto r = run_with_allocator(allocator, args);
+    ASSERT_EQ(r.status, 0) << allocator << ": " << r.out;
+  }
+  const auto system = mae::load_trained_model((dir_ / "system").string());
+  const auto arena = mae::load_trained_model((dir_ / "arena").string());
+  EXPECT_EQ(system.step, 4);
+  EXPECT_EQ(arena.step, 4);
+  const auto a = system.model->named_parameters(), b = arena.model->named_parameters();
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& p : a) {
+    EXPECT_TRUE(torch::equal(p.value(), b[p.key()])) << p.key();
+  }
+  const auto bad = run_with_allocator("jemalloc", {"--config", config()});
+  EXPECT_EQ(bad.status, 2) << bad.out;
+  EXPECT_NE(bad.out.find("MAE3D_CPU_ALLOCATOR=jemalloc is not an allocator"), std::string::npos) << bad.out;
+}
