@@ -19,6 +19,7 @@
 #include "bench.h"
 #include "cli.h"
 #include "core/compat.h"
+#include "core/cpu_arena.h"
 #include "core/error.h"
 #include "core/printable.h"
 #include "core/threads.h"
@@ -257,6 +258,15 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
     os << ", \"start_rss_mb\": " << start_rss_mb << ", \"net_overhead_mb\": " << rss - floor_mb - start_rss_mb;
   // Without the libraries' clean file-backed pages (shared with every process that maps them).
   if (t.anon_mb >= 0) os << ", \"anon_mb\": " << t.anon_mb << ", \"anon_overhead_mb\": " << t.anon_mb - floor_mb;
+  // Which CPU allocator held the tensors (MAE3D_CPU_ALLOCATOR); for the arena, the most its blocks
+  // ever held at once and the highest offset it handed out (what it can have resident).
+  const std::string allocator = install_cpu_arena();
+  os << ", \"cpu_allocator\": \"" << allocator << "\"";
+  if (allocator == "arena") {
+    const auto arena = cpu_arena_stats();
+    os << ", \"arena_peak_mb\": " << static_cast<double>(arena.peak_in_use) / (1024.0 * 1024.0)
+       << ", \"arena_high_water_mb\": " << static_cast<double>(arena.high_water) / (1024.0 * 1024.0);
+  }
   const double device_mb = peak_device_mb(device);
   if (device_mb >= 0) os << ", \"peak_device_mb\": " << device_mb;
   os << ", \"iters\": " << s.iters << "}";

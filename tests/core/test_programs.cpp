@@ -65,6 +65,26 @@ TEST(BenchCli, ModelFlagsReachTheTimedModel) {
   }
 }
 
+// Large CPU tensors live in the best-fit arena unless MAE3D_CPU_ALLOCATOR=system asks for
+// LibTorch's own allocator; the JSON line says which, and another value is a one-line exit 2.
+TEST(BenchCli, SaysWhichCpuAllocatorHeldTheTensors) {
+  const test::TempDir dir("mae3d_bench_cli");
+  const std::string d = dir.path.string();
+  const std::vector<std::string> args{"--preset", "tiny", "--warmup", "0", "--iters", "1", "--hidden-size", "144"};
+  const auto arena = test::run_binary(MAE_BENCH_BIN, args, d);
+  ASSERT_EQ(arena.status, 0) << arena.err;
+  EXPECT_NE(arena.out.find("\"cpu_allocator\": \"arena\""), std::string::npos) << arena.out;
+  EXPECT_NE(arena.out.find("\"arena_peak_mb\": "), std::string::npos) << arena.out;
+  EXPECT_NE(arena.out.find("\"arena_high_water_mb\": "), std::string::npos) << arena.out;
+  EXPECT_EQ(arena.out.find("\"arena_peak_mb\": 0,"), std::string::npos) << "no tensor reached the arena: " << arena.out;
+  const auto system = test::run_binary(MAE_BENCH_BIN, args, d, {{"MAE3D_CPU_ALLOCATOR", "system"}});
+  ASSERT_EQ(system.status, 0) << system.err;
+  EXPECT_NE(system.out.find("\"cpu_allocator\": \"system\""), std::string::npos) << system.out;
+  EXPECT_EQ(system.out.find("arena_peak_mb"), std::string::npos) << system.out;
+  expect_one_line_error(test::run_binary(MAE_BENCH_BIN, args, d, {{"MAE3D_CPU_ALLOCATOR", "tcmalloc"}}), 2,
+                        {"MAE3D_CPU_ALLOCATOR=tcmalloc is not an allocator", "arena", "system"});
+}
+
 TEST(BenchCli, OptimizerTimesEveryVariantOfTheUpdate) {
   const test::TempDir dir("mae3d_bench_cli");
   const auto r = test::run_binary(MAE_BENCH_BIN, {"--preset", "tiny", "--optimizer", "--warmup", "0", "--iters", "2"},
