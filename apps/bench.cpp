@@ -247,7 +247,8 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
      << ", \"encoder_tokens\": " << keep + 1 << ", \"decoder_tokens\": " << options.num_patches() + 1
      << ", \"threads\": " << at::get_num_threads() << ", \"device\": \"" << s.device << "\", \"precision\": \""
      << s.precision << "\", \"attention\": \"" << (fused ? "fused" : "explicit")
-     << "\", \"params_m\": " << static_cast<double>(t.params) / 1e6 << ", \"fwd_s\": " << t.fwd_s
+     << "\", \"cpu_native_bf16\": " << (cpu_native_bf16() ? (*cpu_native_bf16() ? "true" : "false") : "null")
+     << ", \"params_m\": " << static_cast<double>(t.params) / 1e6 << ", \"fwd_s\": " << t.fwd_s
      << ", \"bwd_s\": " << t.bwd_s << ", \"optim_s\": " << t.optim_s << ", \"step_s\": " << t.step_s
      << ", \"step_gflop\": " << t.step_gflop << ", \"attention_share\": " << t.attention_share
      << ", \"gflops\": " << gflops << ", \"matmul_gflops\": " << mm_gflops << ", \"mfu\": " << gflops / mm_gflops
@@ -432,6 +433,11 @@ int main(int argc, char** argv) {
       return 0;
     }
     const auto device = mae::bench::parse_device(settings.device);
+    if (settings.precision == "bf16" && device.is_cpu()) {
+      const auto warning = mae::cpu_bf16_warning("--precision bf16");
+      // On stderr: stdout carries only the JSON lines.
+      if (!warning.empty()) std::cerr << "mae-bench: warning: " << warning << std::endl;
+    }
     // A GPU needs a larger product than a CPU to reach its rate.
     const double mm =
         mae::bench::matmul_gflops(device.is_cuda() ? 8192 : 2048, 5, device, settings.precision == "bf16");

@@ -2,6 +2,7 @@
 // machines, so every program sets the count explicitly.
 #pragma once
 
+#include <optional>
 #include <string>
 
 namespace mae {
@@ -28,5 +29,18 @@ void setup_background_thread();
 /// being mapped and zero-filled by the kernel again (measured: training step 1.01 s -> 0.76 s on
 /// preset A). Call once at program start; does nothing where glibc is absent.
 void tune_allocator();
+
+/// Whether the text of a /proc/cpuinfo shows native bfloat16 matrix instructions: x86's avx512_bf16
+/// or amx_bf16 flag, Arm's bf16 feature. nullopt when the text has no flags or features line.
+std::optional<bool> native_bf16_in_cpuinfo(const std::string& cpuinfo);
+
+/// native_bf16_in_cpuinfo of this machine's /proc/cpuinfo (read once); nullopt where it cannot be
+/// read (not Linux).
+std::optional<bool> cpu_native_bf16();
+
+/// For a bf16 run on the CPU: a one-line warning, starting with `setting` (e.g. `train.precision =
+/// "bf16"`), when this CPU has no native bf16 products, where LibTorch emulates them and a bf16 step
+/// is slower than an fp32 one (1.6x to 30x on the machines in the README). Empty otherwise.
+std::string cpu_bf16_warning(const std::string& setting);
 
 }  // namespace mae

@@ -712,6 +712,10 @@ struct Trainer::Impl {
         data.train.size(), data.val.size(), loader->batches_per_epoch(), peak, effective_batch,
         world > 1 ? " over " + std::to_string(world) + " ranks" : std::string(), total,
         resume_dir.empty() ? "" : ", resuming from " + resume_dir + " at step " + std::to_string(step));
+    if (main && bf16 && device.is_cpu()) {
+      const auto warning = cpu_bf16_warning("train.precision = \"bf16\"");
+      if (!warning.empty()) spdlog::warn("{}", warning);
+    }
   }
 
   // The resolved config and run id, metrics.jsonl and TensorBoard files of this start (rank 0).

@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "../common/temp_dir.h"
+#include "core/threads.h"
 #include "run_binary.h"
 
 namespace fs = std::filesystem;
@@ -62,7 +63,13 @@ TEST(BenchCli, ModelFlagsReachTheTimedModel) {
         "\"decoder_tokens\": 33", "\"state_floor_mb\": ", "\"overhead_mb\": ", "\"start_rss_mb\": ",
         "\"net_overhead_mb\": ", "\"anon_mb\": ", "\"anon_overhead_mb\": ", "\"attention_share\": "}) {
     EXPECT_NE(r.out.find(want), std::string::npos) << "'" << want << "' not in: " << r.out;
-  }
+  }  // bf16 on a CPU that would emulate it: the JSON line says so, and a warning says fp32 is faster.
+  const auto native = mae::cpu_native_bf16();
+  const std::string flag = native ? (*native ? "true" : "false") : "null";
+  EXPECT_NE(r.out.find("\"cpu_native_bf16\": " + flag + ","), std::string::npos) << r.out;
+  EXPECT_EQ(r.err.find("--precision bf16 on a CPU without native bf16 products") != std::string::npos,
+            native.has_value() && !*native)
+      << r.err;
 }
 
 // Large CPU tensors live in the best-fit arena unless MAE3D_CPU_ALLOCATOR=system asks for

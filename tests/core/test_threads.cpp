@@ -8,6 +8,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <fstream>
+#include <optional>
+#include <string>
 #include <thread>
 
 #include "core/threads.h"
@@ -43,6 +46,48 @@ TEST(BackgroundThread, RunsItsOpsOnOneIntraOpThreadAndLeavesTheCallerAlone) {
   EXPECT_EQ(after_op, 1);
   EXPECT_EQ(team, 1);
   EXPECT_EQ(at::get_num_threads(), 2) << "the calling thread keeps its own count";
+}
+
+}  // namespace
+
+namespace {
+
+// The flags a bf16 warning rests on: whole words of x86's flags line or Arm's Features line.
+TEST(CpuBf16, ReadsNativeBf16FromTheFlagsOrFeaturesLine) {
+  const std::string x86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx avx2 fma avx512bw\n";
+  EXPECT_EQ(mae::native_bf16_in_cpuinfo(x86), false);
+  EXPECT_EQ(mae::native_bf16_in_cpuinfo(x86 + "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16 avx512bw\n"), true);
+  EXPECT_EQ(mae::native_bf16_in_cpuinfo("flags\t\t: fpu avx512f amx_tile amx_bf16 amx_int8\n"), true);
+  EXPECT_EQ(mae::native_bf16_in_cpuinfo("Features\t: fp asimd sve i8mm bf16\n"), true);
+  EXPECT_EQ(mae::native_bf16_in_cpuinfo("Features\t: fp asimd evtstrm crc32\n"), false);
+  // A flag that only contains the name is not the flag.
+  EXPECT_EQ(mae::native_bf16_in_cpuinfo("flags\t\t: avx512_bf16x xamx_bf16\n"), false);
+  EXPECT_EQ(mae::native_bf16_in_cpuinfo("processor\t: 0\nmodel name\t: something\n"), std::nullopt);
+  EXPECT_EQ(mae::native_bf16_in_cpuinfo(""), std::nullopt);
+}
+
+// This machine's answer is its /proc/cpuinfo's, and the warning comes exactly when bf16 is emulated.
+TEST(CpuBf16, ThisMachineAgreesWithProcCpuinfoAndWarnsOnlyWhenEmulated) {
+  std::ifstream in("/proc/cpuinfo");
+  if (!in) GTEST_SKIP() << "no /proc/cpuinfo";
+  std::string line;
+  bool any = false, native = false;
+  while (std::getline(in, line)) {
+    if (line.rfind("flags", 0) != 0 && line.rfind("Features", 0) != 0) continue;
+    any = true;
+    const std::string words = " " + line.substr(line.find(':') + 1) + " ";
+    for (const char* f : {" avx512_bf16 ", " amx_bf16 ", " bf16 "}) native = native || words.find(f) != std::string::npos;
+  }
+  const auto got = mae::cpu_native_bf16();
+  ASSERT_EQ(got.has_value(), any);
+  if (!any) return;
+  EXPECT_EQ(*got, native);
+  const auto warning = mae::cpu_bf16_warning("train.precision = \"bf16\"");
+  EXPECT_EQ(warning.empty(), native) << warning;
+  if (!native) {
+    EXPECT_EQ(warning.rfind("train.precision = \"bf16\" on a CPU without native bf16 products", 0), 0u) << warning;
+    EXPECT_EQ(warning.find('\n'), std::string::npos);
+  }
 }
 
 }  // namespace

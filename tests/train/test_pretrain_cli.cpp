@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/threads.h"
 #include "io/io.h"
 #include "run/trained_model.h"
 
@@ -234,6 +235,19 @@ bool in_signal_mask(pid_t pid, int sig, std::initializer_list<const char*> field
 
 // True once the program has installed its handler for `sig`.
 bool catches(pid_t pid, int sig) { return in_signal_mask(pid, sig, {"SigCgt:"}); }
+
+// bf16 on a CPU that would emulate its products runs, with one warning that says fp32 is faster
+// here; on a CPU with native bf16 there is no warning. The dry run still creates nothing.
+TEST_F(PretrainCli, Bf16OnACpuWithoutNativeBf16IsWarnedAbout) {
+  const auto r = run({"--config", config(), "--dry-run", "--set", "train.precision=bf16"});
+  EXPECT_EQ(r.status, 0) << r.out;
+  EXPECT_FALSE(fs::exists(dir_ / "run"));
+  const auto native = mae::cpu_native_bf16();
+  const std::string warning = "train.precision = \"bf16\" on a CPU without native bf16 products";
+  EXPECT_EQ(r.out.find(warning) != std::string::npos, native.has_value() && !*native) << r.out;
+  const auto fp32 = run({"--config", config(), "--dry-run"});
+  EXPECT_EQ(fp32.out.find("without native bf16"), std::string::npos) << fp32.out;
+}
 
 TEST_F(PretrainCli, SigintAtStartUpIsAHandledStopWithNothingToResume) {
   const pid_t pid = start({"--config", config()});
