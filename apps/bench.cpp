@@ -97,8 +97,21 @@ c10::Device parse_device(const std::string& name) {
 double matmul_gflops(int64_t size, int reps, torch::Device device, bool bf16) {
   torch::NoGradGuard no_grad;
   const auto dtype = bf16 ? torch::kBFloat16 : torch::kFloat;
-  auto a = torch::randn({size, size}).to(device, dtype), b = torch::randn({size, size}).to(device, dtype);
+  // On a CPU the size grows from 256 up to `size` while the next size's product (8x the work) would
+  // take under a second: where products are emulated (bf16 without AVX512_BF16 or AMX, at a few
+  // GFLOP/s or less) a 2048^3 one takes minutes, a fast CPU reaches `size` at once.
+  int64_t n = device.is_cuda() ? size : std::min<int64_t>(size, 256);
+  auto a = torch::randn({n, n}).to(device, dtype), b = torch::randn({n, n}).to(device, dtype);
   auto c = torch::mm(a, b);  // warm-up
+  while (n < size) {
+    const auto t0 = Clock::now();
+    torch::mm_out(c, a, b);
+    if (8.0 * seconds_since(t0) > 1.0) break;
+    n = std::min(size, 2 * n);
+    a = torch::randn({n, n}).to(device, dtype);
+    b = torch::randn({n, n}).to(device, dtype);
+    c = torch::mm(a, b);
+  }
   std::vector<double> times;
   for (int i = 0; i < reps; ++i) {
     if (device.is_cuda()) torch::cuda::synchronize(device.index());
@@ -107,7 +120,7 @@ double matmul_gflops(int64_t size, int reps, torch::Device device, bool bf16) {
     if (device.is_cuda()) torch::cuda::synchronize(device.index());
     times.push_back(seconds_since(t0));
   }
-  return 2.0 * static_cast<double>(size * size * size) / median(times) / 1e9;
+  return 2.0 * static_cast<double>(n * n * n) / median(times) / 1e9;
 }
 
 StepTiming time_training_step(const MaskedAutoencoderOptions& options, int64_t batch, torch::Device device, bool bf16,

@@ -28,7 +28,8 @@ struct StepTiming {
 StepTiming time_training_step(const MaskedAutoencoderOptions& options, int64_t batch, c10::Device device, bool bf16,
                               int warmup, int iters);
 
-/// Median GFLOP/s of a size³ matrix product in bf16 (`bf16`) or fp32 on `device`.
+/// Median GFLOP/s of an n³ matrix product in bf16 (`bf16`) or fp32 on `device`: n = size, or on a CPU
+/// the largest power of two from 256 up to size whose product takes about a second or less.
 double matmul_gflops(int64_t size, int reps, c10::Device device, bool bf16);
 
 /// The median of `v` (the mean of the middle two for an even count).
