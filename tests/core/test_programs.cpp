@@ -63,7 +63,8 @@ TEST(BenchCli, ModelFlagsReachTheTimedModel) {
         "\"decoder_tokens\": 33", "\"state_floor_mb\": ", "\"overhead_mb\": ", "\"start_rss_mb\": ",
         "\"net_overhead_mb\": ", "\"anon_mb\": ", "\"anon_overhead_mb\": ", "\"attention_share\": "}) {
     EXPECT_NE(r.out.find(want), std::string::npos) << "'" << want << "' not in: " << r.out;
-  }  // bf16 on a CPU that would emulate it: the JSON line says so, and a warning says fp32 is faster.
+  }
+  // bf16 on a CPU that would emulate it: the JSON line says so, and a warning says fp32 is faster.
   const auto native = mae::cpu_native_bf16();
   const std::string flag = native ? (*native ? "true" : "false") : "null";
   EXPECT_NE(r.out.find("\"cpu_native_bf16\": " + flag + ","), std::string::npos) << r.out;
