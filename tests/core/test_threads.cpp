@@ -76,7 +76,8 @@ TEST(CpuBf16, ThisMachineAgreesWithProcCpuinfoAndWarnsOnlyWhenEmulated) {
     if (line.rfind("flags", 0) != 0 && line.rfind("Features", 0) != 0) continue;
     any = true;
     const std::string words = " " + line.substr(line.find(':') + 1) + " ";
-    for (const char* f : {" avx512_bf16 ", " amx_bf16 ", " bf16 "}) native = native || words.find(f) != std::string::npos;
+    for (const char* f : {" avx512_bf16 ", " amx_bf16 ", " bf16 "})
+      native = native || words.find(f) != std::string::npos;
   }
   const auto got = mae::cpu_native_bf16();
   ASSERT_EQ(got.has_value(), any);
