@@ -96,7 +96,8 @@ std::string cpu_bf16_warning(const std::string& setting) {
   const auto native = cpu_native_bf16();
   if (!native || *native) return "";
   return setting +
-         " on a CPU without native bf16 products (no avx512_bf16 or amx_bf16 flag in /proc/cpuinfo): LibTorch "
+         " on a CPU without native bf16 products (no avx512_bf16, amx_bf16 or Arm bf16 flag in /proc/cpuinfo): "
+         "LibTorch "
          "emulates them, so a bf16 step takes longer than an fp32 one (1.6x to 30x on the machines in the README); "
          "fp32 is the faster choice here";
 }
