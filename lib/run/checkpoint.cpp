@@ -483,7 +483,10 @@ CheckpointReadLock lock_checkpoint(const std::string& path) {
       }
       ::close(fd);
     }
-    if (attempt >= 20) throw CheckpointError(dir + ": removed while it was being opened (the run is pruning it)");
+    // A run that checkpoints every few milliseconds can replace the latest folder between our
+    // reading of `latest` and the open; each try reads `latest` anew. 400 tries of 5 ms (2 s):
+    // enough for a reader that the scheduler keeps waiting on a loaded machine.
+    if (attempt >= 400) throw CheckpointError(dir + ": removed while it was being opened (the run is pruning it)");
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
 }
