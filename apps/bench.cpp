@@ -261,6 +261,7 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
      << ", \"threads\": " << at::get_num_threads() << ", \"device\": \"" << s.device << "\", \"precision\": \""
      << s.precision << "\", \"attention\": \"" << (fused ? "fused" : "explicit")
      << "\", \"cpu_native_bf16\": " << (cpu_native_bf16() ? (*cpu_native_bf16() ? "true" : "false") : "null")
+     << ", \"blas_core\": " << (blas_core_name().empty() ? "null" : "\"" + blas_core_name() + "\"")
      << ", \"params_m\": " << static_cast<double>(t.params) / 1e6 << ", \"fwd_s\": " << t.fwd_s
      << ", \"bwd_s\": " << t.bwd_s << ", \"optim_s\": " << t.optim_s << ", \"step_s\": " << t.step_s
      << ", \"step_gflop\": " << t.step_gflop << ", \"attention_share\": " << t.attention_share

@@ -1,6 +1,7 @@
 #include "core/threads.h"
 
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
 #if defined(_OPENMP)
@@ -53,6 +54,13 @@ void setup_background_thread() {
   param.sched_priority = 0;
   pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
 #endif
+}
+
+std::string blas_core_name() {
+  using Corename = char* (*)();
+  auto* corename = reinterpret_cast<Corename>(::dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  const char* name = corename ? corename() : nullptr;
+  return name ? std::string(name) : std::string();
 }
 
 void tune_allocator() {

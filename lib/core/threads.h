@@ -24,6 +24,12 @@ int set_threads(int threads);
 /// preempting an OpenMP thread that its partner then spins waiting for.
 void setup_background_thread();
 
+/// The kernels the BLAS that LibTorch calls runs on, as OpenBLAS names them (openblas_get_corename:
+/// "Haswell", "SkylakeX", "Cooperlake", ...), or "" where that BLAS is not OpenBLAS (PyPI's wheels use
+/// MKL). OpenBLAS chooses once as it loads, from the CPU or from OPENBLAS_CORETYPE; on CPUs newer than
+/// Debian 12's OpenBLAS 0.3.21 it may choose AVX2 kernels on an AVX-512 machine.
+std::string blas_core_name();
+
 /// Tunes glibc's allocator for training: freed blocks up to 32 MiB stay in the heap and the heap
 /// is not trimmed, so the gradient and activation buffers of each step reuse memory instead of
 /// being mapped and zero-filled by the kernel again (measured: training step 1.01 s -> 0.76 s on

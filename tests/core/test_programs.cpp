@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -71,6 +72,28 @@ TEST(BenchCli, ModelFlagsReachTheTimedModel) {
   EXPECT_EQ(r.err.find("--precision bf16 on a CPU without native bf16 products") != std::string::npos,
             native.has_value() && !*native)
       << r.err;
+}
+
+// Which BLAS kernels ran: OpenBLAS picks them once as it loads, and on CPUs newer than the installed
+// release (Zen 5 with Debian's 0.3.21) it can pick AVX2 kernels on an AVX-512 machine, at half the
+// fp32 rate, so timings name them. A user's OPENBLAS_CORETYPE is what OpenBLAS reports.
+TEST(BenchCli, NamesTheBlasKernelsItRanOn) {
+  const test::TempDir dir("mae3d_bench_cli");
+  const auto r =
+      test::run_binary(MAE_BENCH_BIN, {"--preset", "tiny", "--warmup", "0", "--iters", "1"}, dir.path.string());
+  ASSERT_EQ(r.status, 0) << r.err;
+  const std::string key = "\"blas_core\": ";
+  const auto at = r.out.find(key);
+  ASSERT_NE(at, std::string::npos) << r.out;
+  const auto start = at + key.size();
+  const std::string value = r.out.substr(start, r.out.find(',', start) - start);
+  EXPECT_EQ(value, blas_core_name().empty() ? "null" : "\"" + blas_core_name() + "\"") << r.out;
+  const char* forced = std::getenv("OPENBLAS_CORETYPE");
+  if (forced && value != "null") {
+    std::string want = forced, got = value.substr(1, value.size() - 2);
+    for (auto* s : {&want, &got}) std::transform(s->begin(), s->end(), s->begin(), ::tolower);
+    EXPECT_EQ(got, want) << r.out;
+  }
 }
 
 // Large CPU tensors live in the best-fit arena unless MAE3D_CPU_ALLOCATOR=system asks for
