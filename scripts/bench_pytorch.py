@@ -12,16 +12,30 @@ that the two compare implementations, not libraries.
 Usage: build/venv-py/bin/python scripts/bench_pytorch.py [--preset A B] [--img 128] [--batch 4]
          [--precision fp32|bf16] [--impl monai|plain] [--threads 2] [--iters 5]
 Prints one JSON line per preset: preset, img, batch, precision, fwd_s, step_s (medians), peak_rss_mb,
-or "error" when the step fails (MONAI's index_put refuses CPU bf16 autocast on torch 1.13).
+blas_core (the OpenBLAS kernels that ran, as mae-bench reports them; null for another BLAS), or
+"error" when the step fails (MONAI's index_put refuses CPU bf16 autocast on torch 1.13).
 """
 import argparse
+import ctypes
 import json
+import os
 import resource
 import statistics
 import time
 
 import torch
 import torch.nn as nn
+
+def blas_core():
+    """The kernels of the OpenBLAS this torch loaded (openblas_get_corename), or None for another BLAS."""
+    try:
+        lib = ctypes.CDLL("libopenblas.so.0", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return None
+    lib.openblas_get_corename.restype = ctypes.c_char_p
+    name = lib.openblas_get_corename()
+    return name.decode() if name else None
+
 
 PRESETS = {
     "A": dict(img=96, patch=16, hidden=768, mlp=3072, layers=12, heads=12, dec=384, dec_mlp=512, dec_layers=4,
@@ -134,7 +148,8 @@ def bench(name, c, impl, precision, iters, warmup):
         result["error"] = str(e).splitlines()[0]
         return result
     result.update({"fwd_s": round(statistics.median(fwds), 4), "step_s": round(statistics.median(steps), 4),
-                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)})
+                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+                   "blas_core": blas_core()})
     return result
 
 
