@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn as nn
 
+
 def blas_core():
     """The kernels of the OpenBLAS this torch loaded (openblas_get_corename), or None for another BLAS."""
     try:

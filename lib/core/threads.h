@@ -26,8 +26,8 @@ void setup_background_thread();
 
 /// The kernels the BLAS that LibTorch calls runs on, as OpenBLAS names them (openblas_get_corename:
 /// "Haswell", "SkylakeX", "Cooperlake", ...), or "" where that BLAS is not OpenBLAS (PyPI's wheels use
-/// MKL). OpenBLAS chooses once as it loads, from the CPU or from OPENBLAS_CORETYPE; on CPUs newer than
-/// Debian 12's OpenBLAS 0.3.21 it may choose AVX2 kernels on an AVX-512 machine.
+/// MKL). OpenBLAS chooses once as it loads, from the CPU or, where it is set, from OPENBLAS_CORETYPE;
+/// fp32 products ran 2x apart between its AVX2 and AVX-512 kernels on a Zen 5 EPYC.
 std::string blas_core_name();
 
 /// Tunes glibc's allocator for training: freed blocks up to 32 MiB stay in the heap and the heap
