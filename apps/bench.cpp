@@ -254,6 +254,7 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
   // fp32 weights, gradients and AdamW's two moments: what any fp32-master trainer must hold.
   const double floor_mb = 16.0 * static_cast<double>(t.trainable) / (1024.0 * 1024.0);
   const int64_t keep = num_visible(options.num_patches(), options.masking_ratio());
+  const std::string blas = blas_core_name();
   std::ostringstream os;
   os << std::setprecision(4) << "{\"preset\": \"" << name << "\", \"img\": " << sizes_str(options.img_size())
      << ", \"patch\": " << sizes_str(options.patch_size()) << ", \"batch\": " << batch
@@ -261,7 +262,7 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
      << ", \"threads\": " << at::get_num_threads() << ", \"device\": \"" << s.device << "\", \"precision\": \""
      << s.precision << "\", \"attention\": \"" << (fused ? "fused" : "explicit")
      << "\", \"cpu_native_bf16\": " << (cpu_native_bf16() ? (*cpu_native_bf16() ? "true" : "false") : "null")
-     << ", \"blas_core\": " << (blas_core_name().empty() ? "null" : "\"" + blas_core_name() + "\"")
+     << ", \"blas_core\": " << (blas.empty() ? "null" : "\"" + blas + "\"")
      << ", \"params_m\": " << static_cast<double>(t.params) / 1e6 << ", \"fwd_s\": " << t.fwd_s
      << ", \"bwd_s\": " << t.bwd_s << ", \"optim_s\": " << t.optim_s << ", \"step_s\": " << t.step_s
      << ", \"step_gflop\": " << t.step_gflop << ", \"attention_share\": " << t.attention_share
