@@ -46,6 +46,15 @@ inline void set_autocast(at::DeviceType device, bool enabled, at::ScalarType dty
 #endif
 }
 
+/// True while autocast is on for the CPU (in this thread).
+inline bool cpu_autocast_enabled() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+  return at::autocast::is_autocast_enabled(at::kCPU);
+#else
+  return at::autocast::is_cpu_enabled();
+#endif
+}
+
 /// bfloat16 autocast for the lifetime of the object, on the device's autocast path (CPU or CUDA).
 class AutocastScope {
  public:

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "model/linear.h"
 #include "model/ops.h"
 
 namespace mae {
@@ -31,6 +32,11 @@ void check_choice(const std::string& name, const std::string& value, std::initia
 // (CUDA autocast runs layer_norm in float32 too).
 torch::Tensor norm_in_weight_dtype(torch::nn::LayerNorm& norm, const torch::Tensor& x) {
   return x.scalar_type() == norm->weight.scalar_type() ? norm(x) : norm(x.to(norm->weight.scalar_type()));
+}
+
+// A Linear module's forward through linear() (float32 CPU products on the chosen library).
+torch::Tensor apply_linear(torch::nn::Linear& module, const torch::Tensor& x) {
+  return linear(x, module->weight, module->bias);
 }
 
 // Truncated normal N(0, std) on [-2, 2], as MONAI's trunc_normal_ with a = -2, b = 2.
@@ -122,15 +128,15 @@ torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x) {
   const int64_t B = x.size(0), T = x.size(1), hd = width_ / heads_;
   const bool drop = dropout_ > 0.0 && is_training();
   // Attention: (B, T, E) -> (3, B, heads, T, hd).
-  auto qkv_t = qkv(norm_in_weight_dtype(norm1, x)).view({B, T, 3, heads_, hd}).permute({2, 0, 3, 1, 4});
+  auto qkv_t = apply_linear(qkv, norm_in_weight_dtype(norm1, x)).view({B, T, 3, heads_, hd}).permute({2, 0, 3, 1, 4});
   auto parts = qkv_t.unbind(0);
   auto a = attention(parts[0], parts[1], parts[2], drop ? dropout_ : 0.0, fused_, slice_);
-  auto o = out_proj(a.transpose(1, 2).reshape({B, T, width_}));
+  auto o = apply_linear(out_proj, a.transpose(1, 2).reshape({B, T, width_}));
   if (drop) o = dropout(o, dropout_, slice_);
   auto h = x + o;
-  auto m = torch::gelu(linear1(norm_in_weight_dtype(norm2, h)));
+  auto m = torch::gelu(apply_linear(linear1, norm_in_weight_dtype(norm2, h)));
   if (drop) m = dropout(m, dropout_, slice_);
-  m = linear2(m);
+  m = apply_linear(linear2, m);
   if (drop) m = dropout(m, dropout_, slice_);
   return h + m;
 }
@@ -251,7 +257,7 @@ torch::Tensor MaskedAutoencoderImpl::embed(const torch::Tensor& x, const torch::
   if (visible) {
     patches = patches.gather(1, visible->unsqueeze(-1).expand({B, visible->size(1), patches.size(2)}));
   }
-  auto tokens = torch::linear(patches, proj_weight_.view({E, -1}), proj_bias_);
+  auto tokens = linear(patches, proj_weight_.view({E, -1}), proj_bias_);
   if (o.pos_embed_type() != "none") {
     tokens = tokens + (visible ? position_embeddings_.squeeze(0).index_select(0, visible->flatten()).view({B, -1, E})
                                : position_embeddings_);
@@ -281,7 +287,7 @@ MaeOutput MaskedAutoencoderImpl::forward_visible(const torch::Tensor& x, const t
               "visible indices must be (B, keep) with 1 <= keep < N");
   auto h = torch::cat({cls_token_.expand({B, 1, cls_token_.size(2)}), embed(x, &visible)}, 1);
   for (auto& block : blocks_) h = block(h);
-  h = decoder_embed_(norm_in_weight_dtype(norm_, h));
+  h = apply_linear(decoder_embed_, norm_in_weight_dtype(norm_, h));
   // Mask tokens everywhere, visible tokens scattered back to their grid positions.
   // Under autocast the activations may be bfloat16 while tokens and tables stay float32.
   auto full = mask_tokens_.to(h.scalar_type())
@@ -290,7 +296,7 @@ MaeOutput MaskedAutoencoderImpl::forward_visible(const torch::Tensor& x, const t
   if (options_.decoder_pos_embed_type() != "none") full = full + decoder_pos_embedding_.to(h.scalar_type());
   h = torch::cat({h.slice(1, 0, 1), full}, 1);
   for (auto& block : decoder_blocks_) h = block(h);
-  auto pred = decoder_pred_(norm_in_weight_dtype(decoder_norm_, h).slice(1, 1));
+  auto pred = apply_linear(decoder_pred_, norm_in_weight_dtype(decoder_norm_, h).slice(1, 1));
   return {pred, mask_from_visible(visible, N), visible};
 }
 
