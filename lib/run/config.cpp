@@ -141,6 +141,7 @@ void read_train(JsonReader r, TrainConfig& t) {
   r.read_range<int64_t>("grad_accum_steps", t.grad_accum_steps, 1, 65536);
   r.read_range("grad_clip_norm", t.grad_clip_norm, 0.0, 1e6);
   r.read_choice("precision", t.precision, {"fp32", "bf16"});
+  r.read_choice("fp32_matmul", t.fp32_matmul, {"auto", "onednn", "blas"});
   r.read_range<int64_t>("log_every", t.log_every, 1, int64_t{1} << 40);
   r.read_range<int64_t>("checkpoint_every", t.checkpoint_every, 1, int64_t{1} << 40);
   r.read_range<int64_t>("keep_last", t.keep_last, 1, 1000000);
@@ -367,6 +368,7 @@ nlohmann::json config_to_json(const Config& c) {
                 {"grad_accum_steps", t.grad_accum_steps},
                 {"grad_clip_norm", t.grad_clip_norm},
                 {"precision", t.precision},
+                {"fp32_matmul", t.fp32_matmul},
                 {"log_every", t.log_every},
                 {"checkpoint_every", t.checkpoint_every},
                 {"keep_last", t.keep_last},

@@ -53,6 +53,7 @@ struct TrainConfig {
   int64_t grad_accum_steps = 1;        ///< micro-batches per optimizer step
   double grad_clip_norm = 0.0;         ///< clip the global gradient norm to this; 0 = off
   std::string precision = "fp32";      ///< "fp32" | "bf16" (autocast, fp32 master weights)
+  std::string fp32_matmul = "auto";    ///< float32 CPU products: "auto" (onednn where built) | "onednn" | "blas"
   int64_t log_every = 10;              ///< steps between metrics records and plain progress lines
   int64_t checkpoint_every = 500;      ///< steps between checkpoints (and one at the end)
   int64_t keep_last = 3;               ///< checkpoints kept (plus the best by best_by)

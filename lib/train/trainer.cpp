@@ -26,6 +26,7 @@
 #include "data/dataset.h"
 #include "data/loader.h"
 #include "data/transforms.h"
+#include "model/linear.h"
 #include "model/ops.h"
 #include "probe/probe.h"
 #include "train/adamw.h"
@@ -310,7 +311,14 @@ struct Trainer::Impl {
   std::optional<Volume> val_window;
   std::optional<Progress> progress;
 
-  Impl(const Config& c, const TrainOptions& o) : config(c), options(o) {}
+  Impl(const Config& c, const TrainOptions& o) : config(with_resolved_matmul(c)), options(o) {}
+
+  // "auto" for train.fp32_matmul resolved to the library it means on this build, so that the saved
+  // config names it and a resume can tell whether it continues on the same one.
+  static Config with_resolved_matmul(Config c) {
+    c.train.fp32_matmul = fp32_matmul_name(resolve_fp32_matmul(c.train.fp32_matmul, "\"train.fp32_matmul\""));
+    return c;
+  }
 
   // Runs a collective (or store exchange) named `what`; a failure becomes one line naming the
   // rank(s) lost.
@@ -333,6 +341,8 @@ struct Trainer::Impl {
     result.rank = rank;
     result.world_size = world;
     device = resolve_device(config.device, env);
+    // The library of the float32 CPU products (resolved in the constructor).
+    set_fp32_matmul(resolve_fp32_matmul(config.train.fp32_matmul, "\"train.fp32_matmul\""));
     run_dir = config.output.dir;
     if (device.is_cpu()) check_training_memory(config, physical_memory_bytes());
     if (env.distributed()) {
@@ -541,6 +551,17 @@ struct Trainer::Impl {
                               " in the checkpoint and is " + current.at(ptr).dump() +
                               " now; resume with the checkpoint's value (data order and masks depend on it)");
       }
+    }
+    // Checkpoints written before the key existed ran on LibTorch's BLAS.
+    const nlohmann::json::json_pointer matmul_key("/train/fp32_matmul");
+    const std::string saved_matmul = resumed.config.contains(matmul_key) && resumed.config.at(matmul_key).is_string()
+                                         ? resumed.config.at(matmul_key).get<std::string>()
+                                         : "blas";
+    if (device.is_cpu() && saved_matmul != config.train.fp32_matmul) {
+      spdlog::warn(
+          "{}: trained with float32 products on {}, continuing on {} (\"train.fp32_matmul\"); the continuation is "
+          "not bit-identical to an uninterrupted run",
+          resume_dir, saved_matmul, config.train.fp32_matmul);
     }
     if (resumed.diverged) {
       spdlog::warn("{}: resuming a checkpoint marked diverged ({})", resume_dir, resumed.diverged_reason);

@@ -74,6 +74,9 @@ TEST(Config, WrongTypesAndRangesNameKeyAndValue) {
   tree["train"] = {{"precision", "fp8"}};
   EXPECT_NE(error_of(tree).find("\"train.precision\" = \"fp8\" is not allowed"), std::string::npos);
   tree = minimal();
+  tree["train"] = {{"fp32_matmul", "mkl"}};
+  EXPECT_NE(error_of(tree).find("\"train.fp32_matmul\" = \"mkl\" is not allowed"), std::string::npos);
+  tree = minimal();
   tree["train"] = {{"max_steps", 0}, {"epochs", 0}};
   EXPECT_NE(error_of(tree).find("train.max_steps"), std::string::npos);
   tree = minimal();

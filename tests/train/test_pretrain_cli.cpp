@@ -389,3 +389,26 @@ TEST_F(PretrainCli, TheCpuAllocatorDoesNotChangeTheTrainedWeights) {
   EXPECT_EQ(bad.status, 2) << bad.out;
   EXPECT_NE(bad.out.find("MAE3D_CPU_ALLOCATOR=jemalloc is not an allocator"), std::string::npos) << bad.out;
 }
+
+// The library of the float32 products (train.fp32_matmul) is saved resolved, so that a resume can
+// say when it continues on another one: its products round differently, so the continuation is not
+// bit-identical to an uninterrupted run. Resuming on the same one says nothing of it.
+TEST_F(PretrainCli, ResumeOnAnotherFloat32ProductLibraryIsWarnedAbout) {
+  const auto first = run({"--config", config(), "--set", "train.max_steps=3", "--set", "train.fp32_matmul=auto"});
+  ASSERT_EQ(first.status, 0) << first.out;
+  std::ifstream saved_config(dir_ / "run" / "config.json");
+  const auto saved = nlohmann::json::parse(saved_config);
+  const std::string ran = saved.at("train").at("fp32_matmul").get<std::string>();
+  ASSERT_TRUE(ran == "onednn" || ran == "blas") << "\"auto\" was saved as " << ran;
+  const auto same =
+      run({"--config", config(), "--resume", "--set", "train.max_steps=6", "--set", "train.fp32_matmul=" + ran});
+  ASSERT_EQ(same.status, 0) << same.out;
+  EXPECT_EQ(same.out.find("train.fp32_matmul"), std::string::npos) << same.out;
+  if (ran != "onednn") return;  // a build without oneDNN has no other library to resume on
+  const auto other =
+      run({"--config", config(), "--resume", "--set", "train.max_steps=9", "--set", "train.fp32_matmul=blas"});
+  ASSERT_EQ(other.status, 0) << other.out;
+  EXPECT_NE(other.out.find("trained with float32 products on onednn, continuing on blas (\"train.fp32_matmul\")"),
+            std::string::npos)
+      << other.out;
+}
