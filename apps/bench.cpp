@@ -24,6 +24,7 @@
 #include "core/printable.h"
 #include "core/threads.h"
 #include "model/flops.h"
+#include "model/linear.h"
 #include "model/mae.h"
 #include "model/ops.h"
 #include "model/presets.h"
@@ -102,21 +103,32 @@ double matmul_gflops(int64_t size, int reps, torch::Device device, bool bf16) {
   // GFLOP/s or less) a 2048^3 one takes minutes, a fast CPU reaches `size` at once.
   int64_t n = device.is_cuda() ? size : std::min<int64_t>(size, 256);
   auto a = torch::randn({n, n}).to(device, dtype), b = torch::randn({n, n}).to(device, dtype);
-  auto c = torch::mm(a, b);  // warm-up
+  // float32 CPU products on the library the model's Linear layers use (lib/model/linear.h).
+  const bool onednn = !bf16 && device.is_cpu() && fp32_matmul() == Fp32Matmul::onednn;
+  auto product = [&](torch::Tensor& out) {
+    if (onednn) {
+      onednn_mm(a, b, out);
+    } else {
+      torch::mm_out(out, a, b);
+    }
+  };
+  auto c = torch::mm(a, b);
+  product(c);  // warm-up
   while (n < size) {
     const auto t0 = Clock::now();
-    torch::mm_out(c, a, b);
+    product(c);
     if (8.0 * seconds_since(t0) > 1.0) break;
     n = std::min(size, 2 * n);
     a = torch::randn({n, n}).to(device, dtype);
     b = torch::randn({n, n}).to(device, dtype);
     c = torch::mm(a, b);
+    product(c);
   }
   std::vector<double> times;
   for (int i = 0; i < reps; ++i) {
     if (device.is_cuda()) torch::cuda::synchronize(device.index());
     const auto t0 = Clock::now();
-    torch::mm_out(c, a, b);
+    product(c);
     if (device.is_cuda()) torch::cuda::synchronize(device.index());
     times.push_back(seconds_since(t0));
   }
@@ -198,9 +210,10 @@ struct BenchSettings {
   int warmup = 2;
   int iters = 5;
   std::string device = "cpu";
-  std::string precision = "fp32";   // fp32 | bf16 (autocast, as the trainer's train.precision)
-  std::string attention = "fused";  // fused | explicit (MaskedAutoencoderOptions::fused_attention)
-  std::vector<int64_t> img, patch;  // empty: the preset's
+  std::string precision = "fp32";    // fp32 | bf16 (autocast, as the trainer's train.precision)
+  std::string attention = "fused";   // fused | explicit (MaskedAutoencoderOptions::fused_attention)
+  std::string fp32_matmul = "auto";  // auto | blas | onednn (lib/model/linear.h)
+  std::vector<int64_t> img, patch;   // empty: the preset's
   // Model options over the preset's; 0 (or a negative ratio) = the preset's.
   int64_t hidden_size = 0, mlp_dim = 0, num_layers = 0, num_heads = 0;
   int64_t decoder_hidden_size = 0, decoder_mlp_dim = 0, decoder_num_layers = 0, decoder_num_heads = 0;
@@ -262,7 +275,8 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
      << ", \"threads\": " << at::get_num_threads() << ", \"device\": \"" << s.device << "\", \"precision\": \""
      << s.precision << "\", \"attention\": \"" << (fused ? "fused" : "explicit")
      << "\", \"cpu_native_bf16\": " << (cpu_native_bf16() ? (*cpu_native_bf16() ? "true" : "false") : "null")
-     << ", \"blas_core\": " << (blas.empty() ? "null" : "\"" + blas + "\"")
+     << ", \"blas_core\": " << (blas.empty() ? "null" : "\"" + blas + "\"") << ", \"fp32_matmul\": \""
+     << fp32_matmul_name(fp32_matmul()) << "\""
      << ", \"params_m\": " << static_cast<double>(t.params) / 1e6 << ", \"fwd_s\": " << t.fwd_s
      << ", \"bwd_s\": " << t.bwd_s << ", \"optim_s\": " << t.optim_s << ", \"step_s\": " << t.step_s
      << ", \"step_gflop\": " << t.step_gflop << ", \"attention_share\": " << t.attention_share
@@ -377,6 +391,10 @@ int main(int argc, char** argv) {
   app.add_option("--attention", settings.attention,
                  "fused (scaled_dot_product_attention on LibTorch 2.x; 1.13 runs explicit) or explicit")
       ->check(CLI::IsMember({"fused", "explicit"}));
+  app.add_option("--fp32-matmul", settings.fp32_matmul,
+                 "library for float32 CPU products: onednn, blas (LibTorch's BLAS) or auto (onednn where built), as "
+                 "train.fp32_matmul")
+      ->check(CLI::IsMember({"auto", "blas", "onednn"}));
   // The model options over the preset's, named as the config's model keys.
   app.add_option("--img", settings.img, "image (crop) size: one value for a cube, or one per axis")
       ->expected(1, 3)
@@ -414,7 +432,8 @@ int main(int argc, char** argv) {
       if (!mae::bench::has_end_to_end()) {
         throw mae::ConfigError("--end-to-end: this mae-bench was built without the train area");
       }
-      for (const char* flag : {"--preset", "--batch", "--precision", "--device", "--img", "--patch", "--attention"}) {
+      for (const char* flag :
+           {"--preset", "--batch", "--precision", "--device", "--img", "--patch", "--attention", "--fp32-matmul"}) {
         if (app.count(flag) > 0) {
           throw mae::ConfigError(std::string("--end-to-end takes the model, batch, device and precision from the "
                                              "config; use --set instead of ") +
@@ -439,6 +458,7 @@ int main(int argc, char** argv) {
                                " GPU(s), cuda:0 .. cuda:" + std::to_string(count - 1));
       }
     }
+    mae::set_fp32_matmul(mae::resolve_fp32_matmul(settings.fp32_matmul, "--fp32-matmul"));
     for (const auto& p : presets) {
       int64_t batch = 0;
       mae::bench::bench_options(p, settings, batch);  // refuse a bad preset or flag before the slow matmul

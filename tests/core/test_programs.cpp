@@ -102,6 +102,40 @@ TEST(BenchCli, NamesTheBlasKernelsItRanOn) {
   }
 }
 
+// Which library ran the float32 products (lib/model/linear.h): --fp32-matmul picks it, "auto" is
+// oneDNN where the build has it, and asking for oneDNN of a build without it is a one-line exit 2.
+TEST(BenchCli, SaysWhichLibraryRanTheFloat32Products) {
+  const test::TempDir dir("mae3d_bench_cli");
+  const std::string d = dir.path.string();
+  auto value_of = [](const std::string& out) {
+    const std::string key = "\"fp32_matmul\": ";
+    const auto at = out.find(key);
+    if (at == std::string::npos) return std::string("(absent)");
+    const auto start = at + key.size();
+    return out.substr(start, out.find(',', start) - start);
+  };
+  const std::vector<std::string> args{"--preset", "tiny", "--warmup", "0", "--iters", "1"};
+  const auto automatic = test::run_binary(MAE_BENCH_BIN, args, d);
+  ASSERT_EQ(automatic.status, 0) << automatic.err;
+  auto with = [&](const std::string& engine) {
+    auto a = args;
+    a.insert(a.end(), {"--fp32-matmul", engine});
+    return test::run_binary(MAE_BENCH_BIN, a, d);
+  };
+  const auto blas = with("blas");
+  ASSERT_EQ(blas.status, 0) << blas.err;
+  EXPECT_EQ(value_of(blas.out), "\"blas\"") << blas.out;
+  const auto onednn = with("onednn");
+  if (onednn.status == 0) {
+    EXPECT_EQ(value_of(onednn.out), "\"onednn\"") << onednn.out;
+    EXPECT_EQ(value_of(automatic.out), "\"onednn\"") << automatic.out;
+  } else {
+    expect_one_line_error(onednn, 2, {"--fp32-matmul = \"onednn\"", "built without oneDNN"});
+    EXPECT_EQ(value_of(automatic.out), "\"blas\"") << automatic.out;
+  }
+  expect_one_line_error(with("mkl"), 2, {"--fp32-matmul"});
+}
+
 // Large CPU tensors live in the best-fit arena unless MAE3D_CPU_ALLOCATOR=system asks for
 // LibTorch's own allocator; the JSON line says which, and another value is a one-line exit 2.
 TEST(BenchCli, SaysWhichCpuAllocatorHeldTheTensors) {
