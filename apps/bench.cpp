@@ -275,8 +275,9 @@ std::string bench_one(const std::string& name, const BenchSettings& s, double mm
      << ", \"threads\": " << at::get_num_threads() << ", \"device\": \"" << s.device << "\", \"precision\": \""
      << s.precision << "\", \"attention\": \"" << (fused ? "fused" : "explicit")
      << "\", \"cpu_native_bf16\": " << (cpu_native_bf16() ? (*cpu_native_bf16() ? "true" : "false") : "null")
-     << ", \"blas_core\": " << (blas.empty() ? "null" : "\"" + blas + "\"") << ", \"fp32_matmul\": \""
-     << fp32_matmul_name(fp32_matmul()) << "\""
+     << ", \"blas_core\": " << (blas.empty() ? "null" : "\"" + blas + "\"") << ", \"fp32_matmul\": "
+     << (s.precision == "fp32" && device.is_cpu() ? std::string("\"") + fp32_matmul_name(fp32_matmul()) + "\""
+                                                  : std::string("null"))
      << ", \"params_m\": " << static_cast<double>(t.params) / 1e6 << ", \"fwd_s\": " << t.fwd_s
      << ", \"bwd_s\": " << t.bwd_s << ", \"optim_s\": " << t.optim_s << ", \"step_s\": " << t.step_s
      << ", \"step_gflop\": " << t.step_gflop << ", \"attention_share\": " << t.attention_share

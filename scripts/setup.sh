@@ -8,7 +8,7 @@ packages=(
   libtorch-dev libinsighttoolkit5-dev libcli11-dev libspdlog-dev nlohmann-json3-dev libgtest-dev libgloo-dev
   libopenblas0-openmp libgdcm-tools
   # oneDNN for the model's float32 products (lib/model/linear.h); LibTorch 1.13 already runs bf16 on it
-  libdnnl-dev
+  libdnnl-dev ocl-icd-opencl-dev
   # tests and demo data
   python3 python3-venv python3-torch python3-numpy mricron-data python3-pydicom insighttoolkit5-examples
 )

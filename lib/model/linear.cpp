@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <atomic>
 #include <optional>
 #include <unordered_map>
@@ -39,44 +40,71 @@ bool onednn_applies(const at::Tensor& x, const at::Tensor& weight, const at::Ten
          !compat::cpu_autocast_enabled();
 }
 
+// x W^T + b on oneDNN, in x's shape with the last axis n.
+at::Tensor onednn_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias,
+                          c10::IntArrayRef x_sizes) {
+  auto shape = x_sizes.vec();
+  shape.back() = weight.size(0);
+  auto y = at::empty(shape, x2.options());
+  onednn_mm(x2, weight.t(), y.view({-1, weight.size(0)}), bias.numel() > 0 ? &bias : nullptr);
+  return y;
+}
+
 // linear() on oneDNN: the forward's x W^T + b, the backward's dy W and dy^T x, and dy summed
-// over rows for the bias.
+// over rows for the bias. The output is a fresh tensor (not a view), so in-place ops on it work as on
+// torch::linear's.
 struct OnednnLinear : public torch::autograd::Function<OnednnLinear> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& bias) {
-    const int64_t n = weight.size(0), k = weight.size(1);
-    const auto x2 = x.reshape({-1, k});
-    auto y = at::empty({x2.size(0), n}, x.options());
-    const bool has_bias = bias.numel() > 0;
-    onednn_mm(x2, weight.t(), y, has_bias ? &bias : nullptr);
-    ctx->save_for_backward({x, weight});
-    ctx->saved_data["bias"] = has_bias;
-    auto shape = x.sizes().vec();
-    shape.back() = n;
-    return y.view(shape);
+    const auto x2 = x.reshape({-1, weight.size(1)});
+    ctx->save_for_backward({x2, weight});
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["bias"] = bias.numel() > 0;
+    return onednn_forward(x2, weight, bias, x.sizes());
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto& x = saved[0];
+    const auto& x2 = saved[0];
     const auto& weight = saved[1];
+    const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
     const int64_t n = weight.size(0), k = weight.size(1);
     const auto dy = grads[0].reshape({-1, n});
+    // With create_graph the gradients must be differentiable themselves: LibTorch's products.
+    const bool differentiable = torch::GradMode::is_enabled();
     at::Tensor dx, dw, db;
     if (ctx->needs_input_grad(0)) {
-      dx = at::empty({dy.size(0), k}, dy.options());
-      onednn_mm(dy, weight, dx);
-      dx = dx.view(x.sizes());
+      if (differentiable) {
+        dx = dy.mm(weight);
+      } else {
+        dx = at::empty({dy.size(0), k}, dy.options());
+        onednn_mm(dy, weight, dx);
+      }
+      dx = dx.view(x_sizes);
     }
     if (ctx->needs_input_grad(1)) {
-      dw = at::empty({n, k}, dy.options());
-      onednn_mm(dy.t(), x.reshape({-1, k}), dw);
+      if (differentiable) {
+        dw = dy.t().mm(x2);
+      } else {
+        dw = at::empty({n, k}, dy.options());
+        onednn_mm(dy.t(), x2, dw);
+      }
     }
     if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) db = dy.sum(0);
     return {dx, dw, db};
   }
 };
+
+#ifdef MAE3D_HAVE_ONEDNN
+// An operand that oneDNN's fast kernels take: unit stride along one axis and a full stride along the
+// other (a zero or odd stride sends a product to its reference kernel, orders of magnitude slower).
+at::Tensor plain(const at::Tensor& t) {
+  const bool rows = t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1));
+  const bool cols = t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(0));
+  return rows || cols ? t : t.contiguous();
+}
+#endif
 
 }  // namespace
 
@@ -116,8 +144,13 @@ void set_fp32_matmul(Fp32Matmul engine) {
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   if (!onednn_applies(x, weight, bias)) return torch::linear(x, weight, bias);
-  // A custom function's inputs must all be defined: no bias is passed as an empty tensor.
-  return OnednnLinear::apply(x, weight, bias.defined() ? bias : at::empty({0}, weight.options()));
+  // A custom function's inputs must all be defined: no bias is passed as an empty tensor. oneDNN
+  // reads a bias with unit stride only.
+  const auto b = bias.defined() ? bias.contiguous() : at::empty({0}, weight.options());
+  const bool needs_graph = torch::GradMode::is_enabled() &&
+                           (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()));
+  if (!needs_graph) return onednn_forward(x.reshape({-1, weight.size(1)}), weight, b, x.sizes());
+  return OnednnLinear::apply(x, weight, b);
 }
 
 void onednn_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor* bias) {
@@ -128,19 +161,23 @@ void onednn_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, co
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
               "onednn_mm: float32 only");
   TORCH_CHECK(c.stride(1) == 1, "onednn_mm: the output needs unit column stride");
+  TORCH_CHECK(c.stride(0) >= std::max<int64_t>(1, c.size(1)), "onednn_mm: the output's rows overlap");
   const auto& engine = cpu_engine();
-  const auto a_md = float_desc(a), b_md = float_desc(b), c_md = float_desc(c);
-  std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, dnnl::memory(a_md, engine, a.data_ptr())},
-                                             {DNNL_ARG_WEIGHTS, dnnl::memory(b_md, engine, b.data_ptr())},
+  const auto a_plain = plain(a), b_plain = plain(b);
+  const auto a_md = float_desc(a_plain), b_md = float_desc(b_plain), c_md = float_desc(c);
+  std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, dnnl::memory(a_md, engine, a_plain.data_ptr())},
+                                             {DNNL_ARG_WEIGHTS, dnnl::memory(b_md, engine, b_plain.data_ptr())},
                                              {DNNL_ARG_DST, dnnl::memory(c_md, engine, c.data_ptr())}};
   // Primitive descriptors of the same shapes and strides come from oneDNN's own primitive cache.
   std::optional<dnnl::matmul::primitive_desc> pd;
+  at::Tensor bias_plain;
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c.size(1) && bias->scalar_type() == at::kFloat,
                 "onednn_mm: the bias must be float32 of length ", c.size(1));
-    const dnnl::memory::desc bias_md({1, c.size(1)}, dnnl::memory::data_type::f32, {c.size(1), bias->stride(0)});
+    bias_plain = bias->contiguous();
+    const dnnl::memory::desc bias_md({1, c.size(1)}, dnnl::memory::data_type::f32, {c.size(1), 1});
     pd.emplace(dnnl::matmul::desc(a_md, b_md, bias_md, c_md), engine);
-    args.emplace(DNNL_ARG_BIAS, dnnl::memory(bias_md, engine, bias->data_ptr()));
+    args.emplace(DNNL_ARG_BIAS, dnnl::memory(bias_md, engine, bias_plain.data_ptr()));
   } else {
     pd.emplace(dnnl::matmul::desc(a_md, b_md, c_md), engine);
   }

@@ -20,6 +20,7 @@
 #include "core/atomic_file.h"
 #include "core/compat.h"
 #include "core/error.h"
+#include "core/printable.h"
 #include "core/threads.h"
 #include "data/cache.h"
 #include "data/check.h"
@@ -554,10 +555,16 @@ struct Trainer::Impl {
     }
     // Checkpoints written before the key existed ran on LibTorch's BLAS.
     const nlohmann::json::json_pointer matmul_key("/train/fp32_matmul");
-    const std::string saved_matmul = resumed.config.contains(matmul_key) && resumed.config.at(matmul_key).is_string()
-                                         ? resumed.config.at(matmul_key).get<std::string>()
-                                         : "blas";
-    if (device.is_cpu() && saved_matmul != config.train.fp32_matmul) {
+    std::string saved_matmul = "blas";
+    if (resumed.config.contains(matmul_key)) {
+      const auto& v = resumed.config.at(matmul_key);
+      saved_matmul = v.is_string() && (v == "blas" || v == "onednn") ? v.get<std::string>() : printable(v.dump());
+    }
+    // Only float32 CPU runs run products on the chosen library (bf16 autocast and CUDA do not).
+    const bool fp32_cpu = device.is_cpu() && config.train.precision == "fp32";
+    const bool saved_fp32 = !resumed.config.contains(nlohmann::json::json_pointer("/train/precision")) ||
+                            resumed.config.at(nlohmann::json::json_pointer("/train/precision")) == "fp32";
+    if (fp32_cpu && saved_fp32 && saved_matmul != config.train.fp32_matmul) {
       spdlog::warn(
           "{}: trained with float32 products on {}, continuing on {} (\"train.fp32_matmul\"); the continuation is "
           "not bit-identical to an uninterrupted run",

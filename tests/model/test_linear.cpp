@@ -83,6 +83,45 @@ TEST_F(Linear, OnednnMatchesTorchLinearInTheForwardAndAllGradients) {
   }
 }
 
+// Operands as LibTorch hands them: a transposed input, a bias with stride 2, a gradient expanded
+// from a scalar (stride 0), no gradient wanted, in-place ops on the output, and create_graph.
+TEST_F(Linear, OnednnTakesStridedOperandsAndBehavesAsTorchLinear) {
+  if (!mae::onednn_built()) GTEST_SKIP() << "built without oneDNN";
+  mae::set_fp32_matmul(mae::Fp32Matmul::onednn);
+  const auto x = torch::randn({40, 9}).t();  // (9, 40), strides (1, 9)
+  const auto w = torch::randn({24, 40}), b_wide = torch::randn({48});
+  const auto b = b_wide.slice(0, 0, 48, 2);  // stride 2
+  auto xr = x.clone().requires_grad_(true), wr = w.clone().requires_grad_(true);
+  const int64_t before = mae::onednn_products();
+  auto y = mae::linear(x, w, b);
+  EXPECT_EQ(mae::onednn_products() - before, 1);
+  EXPECT_LT(relative_error(y, torch::linear(x, w, b)), 1e-5);
+  // sum() hands the backward a gradient expanded from one number.
+  auto xo = x.clone().requires_grad_(true), wo = w.clone().requires_grad_(true);
+  mae::linear(xo, wo, b).sum().backward();
+  torch::linear(xr, wr, b).sum().backward();
+  EXPECT_LT(relative_error(xo.grad(), xr.grad()), 1e-5);
+  EXPECT_LT(relative_error(wo.grad(), wr.grad()), 1e-5);
+  // No gradient wanted: the product, without a graph.
+  {
+    torch::NoGradGuard no_grad;
+    const auto z = mae::linear(xo, wo, b);
+    EXPECT_FALSE(z.requires_grad());
+    EXPECT_LT(relative_error(z, torch::linear(x, w, b)), 1e-5);
+  }
+  // In-place ops on the output, as on torch::linear's.
+  auto yi = mae::linear(xo, wo, b);
+  EXPECT_NO_THROW(yi.mul_(2.0).sum().backward());
+  // create_graph: the gradient can be differentiated again.
+  auto xg = x.clone().requires_grad_(true), wg = w.clone().requires_grad_(true);
+  auto xt = x.clone().requires_grad_(true), wt = w.clone().requires_grad_(true);
+  auto g = torch::autograd::grad({mae::linear(xg, wg, b).pow(2).sum()}, {xg}, {}, true, true)[0];
+  auto gt = torch::autograd::grad({torch::linear(xt, wt, b).pow(2).sum()}, {xt}, {}, true, true)[0];
+  g.sum().backward();
+  gt.sum().backward();
+  EXPECT_LT(relative_error(wg.grad(), wt.grad()), 1e-5);
+}
+
 TEST_F(Linear, BlasIsTorchLinearBitForBit) {
   mae::set_fp32_matmul(mae::Fp32Matmul::blas);
   auto x = torch::randn({2, 9, 40}), w = torch::randn({24, 40}), b = torch::randn({24});
