@@ -112,8 +112,8 @@ double matmul_gflops(int64_t size, int reps, torch::Device device, bool bf16) {
       torch::mm_out(out, a, b);
     }
   };
-  auto c = torch::mm(a, b);
-  product(c);  // warm-up
+  auto c = torch::empty_like(a);  // n x n
+  product(c);                     // warm-up
   while (n < size) {
     const auto t0 = Clock::now();
     product(c);
@@ -121,8 +121,8 @@ double matmul_gflops(int64_t size, int reps, torch::Device device, bool bf16) {
     n = std::min(size, 2 * n);
     a = torch::randn({n, n}).to(device, dtype);
     b = torch::randn({n, n}).to(device, dtype);
-    c = torch::mm(a, b);
-    product(c);
+    c = torch::empty_like(a);
+    product(c);  // warm-up at the new size
   }
   std::vector<double> times;
   for (int i = 0; i < reps; ++i) {
